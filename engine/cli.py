@@ -1,0 +1,240 @@
+"""The ``headrace`` command. Parses arguments, builds config, calls library functions, and
+maps exception types to exit codes in one place. ``python -m engine`` runs the same code.
+
+Every summarising command prints, with ``--json``, one JSON object as its last line of
+stdout; human-readable progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable
+
+import orjson
+
+from engine.config import HeadraceConfig, load_config
+from engine.errors import ConfigError, HeadraceError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("headrace")
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    else:
+        width = max((len(k) for k in result), default=0)
+        for key, value in result.items():
+            if isinstance(value, float):
+                value = f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+            elif isinstance(value, (dict, list)):
+                value = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+            sys.stdout.write(f"{key:<{width}}  {value}\n")
+    sys.stdout.flush()
+
+
+def _config(args) -> HeadraceConfig:
+    return load_config(args.config)
+
+
+def _require_cache(cfg: HeadraceConfig) -> None:
+    import os
+
+    from engine.errors import CacheError
+
+    if not os.path.isdir(cfg.cache.path):
+        raise CacheError(f"no cache at {cfg.cache.path!r} (nothing ingested yet? run serve or backfill first)")
+
+
+def cmd_broker(args) -> None:
+    from streams.broker import run_forever
+
+    run_forever(port=args.port)
+
+
+def cmd_serve(args) -> dict:
+    from engine.serve import serve
+
+    return serve(_config(args), train=not args.no_train, max_seconds=args.max_seconds)
+
+
+def cmd_backfill(args) -> dict:
+    from engine.backfill import KafkaRange, backfill, parse_time_ms
+
+    cfg = _config(args)
+    sources = args.sources
+    if len(sources) == 1 and sources[0].startswith("kafka:"):
+        rng = KafkaRange(
+            topic=sources[0][len("kafka:"):],
+            start_offset=args.start_offset, end_offset=args.end_offset,
+            start_time_ms=parse_time_ms(args.start_time) if args.start_time else None,
+            end_time_ms=parse_time_ms(args.end_time) if args.end_time else None,
+        )
+        return backfill(cfg, kafka_range=rng)
+    if any(s.startswith("kafka:") for s in sources):
+        raise ConfigError("backfill --from: a kafka:TOPIC range cannot be mixed with files")
+    return backfill(cfg, paths=sources)
+
+
+def cmd_train(args) -> dict:
+    from engine.train import train
+    from engine.progress import ProgressLine
+
+    line = ProgressLine()
+
+    def show(s: dict) -> None:
+        auc = s.get("auc")
+        line.update(f"train: {s.get('trained_samples', 0):,} samples"
+                    + (f" | AUC {auc:.3f} | logloss {s.get('logloss', float('nan')):.4f}" if auc is not None else ""))
+
+    result = train(_config(args), follow=args.follow, on_progress=show)
+    line.close()
+    return result
+
+
+def cmd_produce(args) -> dict:
+    from streams.producer import produce_file
+
+    cfg = _config(args)
+    topic = args.topic or cfg.source.topics[0]
+    count = produce_file(cfg.source.bootstrap, topic, args.path, rate_events_per_s=args.rate)
+    return {"produced": count, "topic": topic}
+
+
+def cmd_demo(args) -> dict:
+    from engine.demo import demo
+
+    return demo(events=args.events, max_seconds=args.max_seconds, workdir=args.workdir,
+                rate_events_per_s=args.rate)
+
+
+def cmd_cache_stat(args) -> dict:
+    from storage.batch_cache import BatchCache
+
+    cfg = _config(args)
+    _require_cache(cfg)
+    with BatchCache.from_config(cfg.cache, readonly=True) as cache:
+        return cache.stat()
+
+
+def cmd_cache_dead_letters(args) -> None:
+    from storage.batch_cache import BatchCache
+    from transforms.elements import Reason
+
+    cfg = _config(args)
+    _require_cache(cfg)
+    try:
+        reason = Reason(args.reason) if args.reason else None
+    except ValueError:
+        raise ConfigError(f"--reason {args.reason!r}: not one of {[r.value for r in Reason]}") from None
+    with BatchCache.from_config(cfg.cache, readonly=True) as cache:
+        for dl in cache.dead_letters(reason=reason, limit=args.limit):
+            sys.stdout.write(orjson.dumps({
+                "topic": dl.topic, "partition": dl.partition, "offset": dl.offset,
+                "timestamp_ms": dl.timestamp_ms, "stage": dl.stage.value, "reason": dl.reason.value,
+                "detail": dl.detail, "raw": dl.raw.decode("utf-8", "backslashreplace"),
+            }).decode() + "\n")
+
+
+def cmd_plan(args) -> dict:
+    from trainer.planner import plan_from_config
+
+    plan = plan_from_config(_config(args), world_size=args.world_size, device=args.device)
+    return plan.to_json()
+
+
+def cmd_fit_hash(args) -> dict:
+    from engine.fit_hash import fit_from_cache
+
+    return fit_from_cache(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headrace", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help_: str, config: bool = True, json_: bool = True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if config:
+            sp.add_argument("--config", "-c", required=True, help="TOML config file")
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("broker", cmd_broker, "run the bundled Kafka-compatible broker on 127.0.0.1", config=False, json_=False)
+    sp.add_argument("--port", type=int, default=0, help="port (0 = any free port; printed on start)")
+
+    sp = add("serve", cmd_serve, "stream Kafka into the cache and train continuously")
+    sp.add_argument("--no-train", action="store_true", help="ingest only")
+    sp.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until SIGTERM)")
+
+    sp = add("backfill", cmd_backfill, "replay logs or a Kafka range through the same pipeline into the cache")
+    sp.add_argument("--from", dest="sources", nargs="+", required=True, metavar="PATH|kafka:TOPIC",
+                    help="log files/globs/directories (.jsonl, .jsonl.gz, .tsv, .tsv.gz) or kafka:TOPIC")
+    sp.add_argument("--start-offset", type=int, default=None)
+    sp.add_argument("--end-offset", type=int, default=None, help="exclusive")
+    sp.add_argument("--start-time", default=None, help="epoch ms or ISO-8601 (inclusive)")
+    sp.add_argument("--end-time", default=None, help="epoch ms or ISO-8601 (exclusive)")
+
+    sp = add("train", cmd_train, "train the model from the cache")
+    sp.add_argument("--follow", action="store_true", help="keep waiting for new batches (until SIGTERM)")
+
+    sp = add("produce", cmd_produce, "publish a log file to Kafka, one message per line", json_=True)
+    sp.add_argument("--from", dest="path", required=True, help=".jsonl, .jsonl.gz or .tsv file")
+    sp.add_argument("--topic", default=None, help="default: the first of [source] topics")
+    sp.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S")
+
+    sp = add("demo", cmd_demo, "bundled broker + synthetic stream + serve, ending with a summary", config=False)
+    sp.add_argument("--events", type=int, default=200_000)
+    sp.add_argument("--max-seconds", type=float, default=600.0)
+    sp.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="produce rate (default: as fast as possible)")
+    sp.add_argument("--workdir", default=None, help="where the cache and checkpoints go (default: a temp dir)")
+
+    cache = sub.add_parser("cache", help="inspect the batch cache")
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    sp = csub.add_parser("stat", help="batches, rows, bytes, offsets, dead letters, event-time range")
+    sp.add_argument("--config", "-c", required=True)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_cache_stat)
+    sp = csub.add_parser("dead-letters", help="print dead letters as JSON lines")
+    sp.add_argument("--config", "-c", required=True)
+    sp.add_argument("--reason", default=None, help="only this reason code")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.set_defaults(fn=cmd_cache_dead_letters, json=False)
+
+    sp = add("plan", cmd_plan, "plan how embedding tables are sharded across devices")
+    sp.add_argument("--world-size", type=int, required=True)
+    sp.add_argument("--device", choices=["cpu", "h100", "h200"], default="cpu")
+
+    add("fit-hash", cmd_fit_hash, "fit learned id -> row mappings from the cache's statistics")
+    return p
+
+
+_EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result: Any = args.fn(args)
+    except HeadraceError as exc:
+        kind = "retriable " if exc.retriable else ""
+        sys.stderr.write(f"headrace: {kind}error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("headrace: interrupted\n")
+        return _EXIT_INTERRUPTED
+    if isinstance(result, dict):
+        _emit(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

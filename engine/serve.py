@@ -1,0 +1,185 @@
+"""``headrace serve``: the long-lived service — streaming pipeline into the cache, plus the
+continuous trainer, each in its own child process, supervised from here.
+
+Stop (SIGINT/SIGTERM, or ``until`` returning True): the pipeline stops reading and flushes
+(its source sees a stop file and finishes its restriction, so every batch already read is
+written), then the trainer stops, checkpoints and exits; ``serve`` returns the summary.
+A SIGKILL at any instant loses nothing: the cache commits batches and offsets together
+and the next run resumes from the cache's offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import orjson
+
+from engine.config import HeadraceConfig
+from engine.errors import HeadraceError, SourceError, TrainerError
+from engine.pipeline import apply_graph, make_pipeline, resume_offsets
+from engine.plugins import load_plugins
+from engine.processes import StopFile, install_stop_signals, spawn_child
+from engine.progress import ProgressLine, format_rate
+from storage.atomic import atomic_write_bytes
+from storage.batch_cache import BatchCache
+
+__all__ = ["ServeStatus", "serve", "pipeline_main", "trainer_main"]
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_main(cfg: HeadraceConfig, stop_path: str) -> None:
+    """Child process: the streaming Beam pipeline, Kafka -> cache, until the stop file."""
+    from streams.kafka_source import ReadKafkaBatches
+
+    offsets = resume_offsets(cfg)
+    pipeline = make_pipeline(cfg, streaming=True)
+    source = pipeline | "Kafka" >> ReadKafkaBatches(cfg.source, offsets, stop_file=stop_path)
+    apply_graph(source, cfg, progress_every_s=10.0)
+    pipeline.run().wait_until_finish()
+
+
+def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True) -> None:
+    """Child process: the continuous trainer on the cache, until the stop file."""
+    from trainer.loop import ContinuousTrainer
+
+    def report(status: dict) -> None:
+        atomic_write_bytes(progress_path, orjson.dumps(status, option=orjson.OPT_SERIALIZE_NUMPY))
+
+    trainer = ContinuousTrainer(cfg, cfg.cache.path, follow=follow, stop=StopFile(stop_path), on_progress=report)
+    summary = trainer.run()
+    report({**summary, "final": True})
+
+
+@dataclasses.dataclass
+class ServeStatus:
+    """What the supervisor sees each tick; ``until`` callbacks decide on it."""
+
+    elapsed_s: float
+    read: int
+    cached_rows: int
+    filtered: int
+    dead_letters: int
+    trainer: dict[str, Any]
+
+    @property
+    def trained_samples(self) -> int:
+        return int(self.trainer.get("trained_samples", 0))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return orjson.loads(fh.read())
+    except FileNotFoundError:
+        return {}
+
+
+def _status(cache: BatchCache, t0: float, progress_path: str | None) -> ServeStatus:
+    c = cache.counts()
+    return ServeStatus(time.monotonic() - t0, c["read"], c["cached_rows"], c["filtered"],
+                       c["dead_letters"], _read_json(progress_path) if progress_path else {})
+
+
+def _describe(s: ServeStatus, rate: float) -> str:
+    parts = [f"read {s.read:,}", f"{format_rate(rate)} ev/s", f"cached {s.cached_rows:,}",
+             f"dead {s.dead_letters:,}"]
+    if s.trainer:
+        parts.append(f"trained {s.trained_samples:,}")
+        if s.trainer.get("auc") is not None:
+            parts.append(f"AUC {s.trainer['auc']:.3f}")
+        if s.trainer.get("logloss") is not None:
+            parts.append(f"logloss {s.trainer['logloss']:.4f}")
+    return "serve: " + " | ".join(parts)
+
+
+def serve(
+    cfg: HeadraceConfig,
+    *,
+    train: bool = True,
+    until: Callable[[ServeStatus], bool] | None = None,
+    max_seconds: float | None = None,
+    progress: ProgressLine | None = None,
+    handle_signals: bool = True,
+    tick_s: float = 0.25,
+) -> dict:
+    """Run the service until a signal, ``until(status)`` or ``max_seconds``; return the summary."""
+    os.makedirs(cfg.cache.path, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="headrace-run-")
+    pipe_stop, train_stop = StopFile(os.path.join(run_dir, "stop-pipeline")), StopFile(os.path.join(run_dir, "stop-trainer"))
+    progress_path = os.path.join(run_dir, "trainer.json") if train else None
+    stop_requested = threading.Event()
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        install_stop_signals(stop_requested.set)
+
+    # Fail fast, before any child starts: a broken cache or an unloadable plugin.
+    resume_offsets(cfg)
+    load_plugins(cfg.pipeline.plugins)
+    pipe = spawn_child("pipeline", pipeline_main, cfg, pipe_stop.path)
+    trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path) if train else None
+    progress = progress or ProgressLine()
+    t0 = time.monotonic()
+    failure: HeadraceError | None = None
+    try:
+        with BatchCache.from_config(cfg.cache, readonly=True) as cache:
+            start = _status(cache, t0, progress_path)
+            last_read, last_t = start.read, t0
+            rate = 0.0
+            while True:
+                status = _status(cache, t0, progress_path)
+                now = time.monotonic()
+                if now - last_t >= 1.0:
+                    rate = (status.read - last_read) / (now - last_t)
+                    last_read, last_t = status.read, now
+                progress.update(_describe(status, rate))
+                if stop_requested.is_set() or (until and until(status)) or (max_seconds and status.elapsed_s >= max_seconds):
+                    break
+                if not pipe.is_alive():
+                    failure = SourceError(f"the pipeline process exited with code {pipe.exitcode}; see its log above")
+                    break
+                if trainer is not None and not trainer.is_alive():
+                    failure = TrainerError(f"the trainer process exited with code {trainer.exitcode}; see its log above")
+                    break
+                time.sleep(tick_s)
+            # Stop order matters: the pipeline flushes what it read, then the trainer checkpoints.
+            pipe_stop.request()
+            pipe.join()
+            if trainer is not None:
+                train_stop.request()
+                trainer.join()
+            status = _status(cache, t0, progress_path)
+            progress.update(_describe(status, status.read / max(status.elapsed_s, 1e-9)), force=True)
+            progress.close()
+            cache_stat = cache.stat()
+    finally:
+        for proc in (pipe, trainer):
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                proc.join()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if failure is not None:
+        raise failure
+    if pipe.exitcode != 0:
+        raise SourceError(f"the pipeline process exited with code {pipe.exitcode} while stopping")
+    if trainer is not None and trainer.exitcode != 0:
+        raise TrainerError(f"the trainer process exited with code {trainer.exitcode} while stopping")
+    elapsed = max(status.elapsed_s, 1e-9)
+    return {
+        "events": status.read,
+        "cached_rows": status.cached_rows,
+        "filtered": status.filtered,
+        "dead_letters": status.dead_letters,
+        "dead_letters_by_reason": cache_stat.get("dead_letters", {}),
+        "trained_samples": status.trained_samples,
+        "auc": status.trainer.get("auc"),
+        "logloss": status.trainer.get("logloss"),
+        "events_per_s": status.read / elapsed,
+        "elapsed_s": elapsed,
+    }

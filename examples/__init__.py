@@ -1,0 +1,3 @@
+"""Examples shipped with headrace: configs and a user plugin (``examples.plugins``)."""
+
+__all__ = ["plugins"]
