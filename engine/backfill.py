@@ -96,8 +96,8 @@ def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_r
 
         r = kafka_range
         source = pipeline | "KafkaRange" >> ReadKafkaRange(
-            cfg.source, r.topic, start_offset=r.start_offset, end_offset=r.end_offset,
-            start_time_ms=r.start_time_ms, end_time_ms=r.end_time_ms, resume_offsets=offsets,
+            cfg.source, r.topic, from_offsets=r.start_offset, to_offsets=r.end_offset,
+            from_time_ms=r.start_time_ms, to_time_ms=r.end_time_ms, start_offsets=offsets,
         )
     apply_graph(source, cfg)
     pipeline.run().wait_until_finish()

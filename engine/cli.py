@@ -16,6 +16,7 @@ import orjson
 
 from engine.config import HeadraceConfig, load_config
 from engine.errors import ConfigError, HeadraceError
+from engine.logs import configure_logging
 
 __all__ = ["main", "build_parser"]
 
@@ -100,7 +101,8 @@ def cmd_produce(args) -> dict:
 
     cfg = _config(args)
     topic = args.topic or cfg.source.topics[0]
-    count = produce_file(cfg.source.bootstrap, topic, args.path, rate_events_per_s=args.rate)
+    count = produce_file(cfg.source.bootstrap, topic, args.path, rate_events_per_s=args.rate,
+                         client=cfg.source.client, client_options=cfg.source.client_options)
     return {"produced": count, "topic": topic}
 
 
@@ -221,7 +223,7 @@ _EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     try:
         result: Any = args.fn(args)
     except HeadraceError as exc:

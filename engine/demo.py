@@ -32,7 +32,7 @@ def demo_config(bootstrap: str, workdir: str, spec: SyntheticSpec, topic: str = 
     doc["trainer"].update({
         "checkpoint_dir": os.path.join(workdir, "checkpoints"),
         "batch_size": 512, "learning_rate": 0.05, "checkpoint_every_batches": 200,
-        "metrics_window": 20_000,
+        "metrics_window": 20_000, "threads": 1,
     })
     return config_from_dict(doc, file="<demo>")
 

@@ -49,7 +49,8 @@ def make_pipeline(cfg: HeadraceConfig, *, streaming: bool) -> beam.Pipeline:
 def apply_graph(source: beam.PCollection, cfg: HeadraceConfig, *, progress_every_s: float = 0.0) -> beam.PCollection:
     """Apply the shared graph to a PCollection[SourceBatch]; returns PCollection[int]
     (records accounted per written element)."""
-    processed = source | "Process" >> ProcessBatches(TransformSpec.from_config(cfg), mappings_dir(cfg))
+    processed = source | "Process" >> ProcessBatches(
+        TransformSpec.from_config(cfg), mappings_dir(cfg), default_mapper=cfg.hash.mapper)
     plugins = load_plugins(cfg.pipeline.plugins)
     if plugins:
         processed = processed | "Plugins" >> ApplyPlugins(plugins)

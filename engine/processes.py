@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.logs import configure_logging
+
 __all__ = ["StopFile", "spawn_child", "install_stop_signals"]
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,7 @@ def _child_main(parent_pid: int, log_level: int, target: Callable[..., Any], arg
     _die_with_parent(parent_pid)
     # The supervisor owns SIGINT/SIGTERM handling: children stop through their StopFile.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     target(*args)
 
 

@@ -48,7 +48,12 @@ def pipeline_main(cfg: HeadraceConfig, stop_path: str) -> None:
 
 def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True) -> None:
     """Child process: the continuous trainer on the cache, until the stop file."""
+    import torch
+
     from trainer.loop import ContinuousTrainer
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
 
     def report(status: dict) -> None:
         atomic_write_bytes(progress_path, orjson.dumps(status, option=orjson.OPT_SERIALIZE_NUMPY))
@@ -71,7 +76,8 @@ class ServeStatus:
 
     @property
     def trained_samples(self) -> int:
-        return int(self.trainer.get("trained_samples", 0))
+        """Samples trained since the cache began (across restarts of the trainer)."""
+        return int(self.trainer.get("total_trained_samples", self.trainer.get("trained_samples", 0)))
 
 
 def _read_json(path: str) -> dict:

@@ -14,7 +14,12 @@ def train(cfg: HeadraceConfig, *, follow: bool = False, on_progress=None, handle
     """Train from the cache's current position (or the last checkpoint); returns the summary
     ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM stop it
     after the current step with a checkpoint."""
+    import torch
+
     from trainer.loop import ContinuousTrainer
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
 
     stop = threading.Event()
     if handle_signals and threading.current_thread() is threading.main_thread():

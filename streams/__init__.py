@@ -2,4 +2,15 @@
 replay of files and Kafka offset/time ranges, the embedded Kafka-compatible broker, and a
 producer for logs. Emits ``streams.records.SourceBatch``; never imports ``trainer``."""
 
-__all__ = ["records", "broker", "kafka_client", "kafka_source", "replay", "producer"]
+__all__ = [
+    "records",
+    "broker",
+    "admin",
+    "kafka_client",
+    "kafka_source",
+    "offsets",
+    "group_offsets",
+    "logfiles",
+    "replay",
+    "producer",
+]

@@ -186,6 +186,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     prefetch_batches: int = 4
+    # torch intra-op threads for the trainer; 0 = torch's default (all cores). serve runs
+    # the pipeline beside the trainer, and oversubscribed cores slow steps ~10x (measured).
+    threads: int = 0
 
     def __post_init__(self):
         if self.embedding_dim < 1:
@@ -199,5 +202,7 @@ class TrainerConfig:
             raise ValueError("batch_size must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be > 0")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0 = torch default)")
         if self.checkpoint_every_batches < 1:
             raise ValueError("checkpoint_every_batches must be >= 1")

@@ -1,0 +1,184 @@
+"""Topic administration: create (idempotently), list partitions, wait for a topic.
+
+Every call opens a short-lived kafka-python admin client and closes it before
+returning. Retriable failures (no broker reachable yet, leader elections, timeouts) are
+retried with exponential backoff until ``timeout_s`` has passed; then a ``SourceError``
+(``retriable=True``) names the bootstrap address, the topic and the last error.
+Non-retriable failures (a topic that exists with another partition count, an
+authorisation error) raise at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Mapping, TypeVar
+
+from engine.errors import SourceError
+from streams.kafka_client import kafka_python_options
+
+__all__ = ["create_topic", "list_partitions", "list_topics", "wait_for_topic", "retry_retriable"]
+
+_T = TypeVar("_T")
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def _is_retriable(exc: BaseException) -> bool:
+    import kafka.errors as ke
+
+    if isinstance(exc, SourceError):
+        return exc.retriable
+    if isinstance(exc, (ke.RetriableError, ke.KafkaConnectionError, ke.KafkaTimeoutError, OSError)):
+        return True
+    return bool(getattr(exc, "retriable", False))
+
+
+def retry_retriable(call: Callable[[], _T], *, timeout_s: float, what: str, initial_backoff_s: float = 0.05) -> _T:
+    """Run ``call()`` until it returns, retrying retriable errors with exponential backoff.
+
+    Gives up after ``timeout_s`` with ``SourceError(retriable=True)`` naming ``what``
+    and the last error; a non-retriable error propagates at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    backoff_s = initial_backoff_s
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # classified just below; non-retriable ones re-raise
+            if not _is_retriable(exc):
+                raise
+            if time.monotonic() + backoff_s > deadline:
+                raise SourceError(f"{what}: still failing after {timeout_s:g} s: {exc!r}", retriable=True) from exc
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
+
+@contextlib.contextmanager
+def _admin(bootstrap: str, client_options: Mapping[str, str] | None, timeout_s: float):
+    from kafka.admin import KafkaAdminClient
+
+    options = kafka_python_options(client_options or {})
+    options.setdefault("request_timeout_ms", max(1000, int(timeout_s * 1000)))
+    # Short bootstrap attempts: retry_retriable owns the overall deadline and backoff.
+    options.setdefault("bootstrap_timeout_ms", min(2000, max(100, int(timeout_s * 1000))))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="headrace-admin", **options)
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def _describe(admin, topic: str) -> list[int] | None:
+    """Sorted partition ids of ``topic``, or None when the broker does not know it."""
+    import kafka.errors as ke
+
+    (desc,) = admin.describe_topics([topic])
+    code = desc.get("error_code", 0)
+    if code == _UNKNOWN_TOPIC_OR_PARTITION:
+        return None
+    if code:
+        err = ke.for_code(code)
+        raise err(f"describe topic {topic!r}")
+    return sorted(p["partition_index"] for p in desc["partitions"])
+
+
+def list_partitions(
+    bootstrap: str, topic: str, *, timeout_s: float = 30.0, client_options: Mapping[str, str] | None = None
+) -> list[int]:
+    """Sorted partition ids of an existing topic.
+
+    Raises ``SourceError`` (not retriable) when the topic does not exist.
+    """
+    def call():
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            return _describe(admin, topic)
+
+    parts = retry_retriable(call, timeout_s=timeout_s, what=f"list partitions of {topic!r} on {bootstrap}")
+    if parts is None:
+        raise SourceError(
+            f"topic {topic!r} does not exist on {bootstrap}; create it first "
+            f"(headrace topic create / streams.admin.create_topic) or fix source.topics",
+            retriable=False,
+        )
+    return parts
+
+
+def list_topics(
+    bootstrap: str, *, timeout_s: float = 30.0, client_options: Mapping[str, str] | None = None
+) -> list[str]:
+    """Sorted names of the topics the broker reports (internal topics included)."""
+    def call():
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            return sorted(admin.list_topics())
+
+    return retry_retriable(call, timeout_s=timeout_s, what=f"list topics on {bootstrap}")
+
+
+def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int = 1,
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+    client_options: Mapping[str, str] | None = None,
+) -> bool:
+    """Create ``name`` with ``partitions`` partitions and wait until it is visible.
+
+    Idempotent: returns True when this call created the topic, False when it already
+    existed with the same partition count. Raises ``SourceError`` (not retriable) when it
+    exists with a different count (Kafka cannot shrink a topic; pick another name or
+    delete it), or when ``partitions < 1``.
+    """
+    import kafka.errors as ke
+    from kafka.admin import NewTopic
+
+    if partitions < 1:
+        raise SourceError(f"topic {name!r}: partitions must be >= 1, got {partitions}", retriable=False)
+    if not name:
+        raise SourceError("topic name must not be empty", retriable=False)
+
+    def call() -> bool:
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                return True
+            except ke.TopicAlreadyExistsError:
+                return False
+
+    created = retry_retriable(call, timeout_s=timeout_s, what=f"create topic {name!r} on {bootstrap}")
+    existing = wait_for_topic(bootstrap, name, timeout_s=timeout_s, client_options=client_options)
+    if len(existing) != partitions:
+        raise SourceError(
+            f"topic {name!r} already exists on {bootstrap} with {len(existing)} partition(s), "
+            f"not the {partitions} requested; use partitions={len(existing)} or another topic name",
+            retriable=False,
+        )
+    return created
+
+
+def wait_for_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    min_partitions: int = 1,
+    timeout_s: float = 30.0,
+    client_options: Mapping[str, str] | None = None,
+) -> list[int]:
+    """Block until ``topic`` exists with at least ``min_partitions`` partitions; return them.
+
+    Polls metadata with backoff; raises ``SourceError(retriable=True)`` after ``timeout_s``.
+    """
+    def call() -> list[int]:
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            parts = _describe(admin, topic)
+        if parts is None or len(parts) < min_partitions:
+            raise SourceError(
+                f"topic {topic!r} has {0 if parts is None else len(parts)} partition(s), "
+                f"waiting for {min_partitions}",
+                retriable=True,
+            )
+        return parts
+
+    return retry_retriable(call, timeout_s=timeout_s, what=f"wait for topic {topic!r} on {bootstrap}")

@@ -1,0 +1,374 @@
+"""The continuous trainer: read the batch cache in order, score, train, checkpoint, repeat.
+
+For each training batch (see ``trainer.data`` for how cached batches become training
+batches): forward pass with the current parameters, whose detached logits are the batch's
+*progressive* scores (taken before the model has seen those labels) and go to
+``ProgressiveMetrics``; then the loss's backward pass, the dense optimizer step, and the
+embedding collection's ``sparse_step()`` when it has one. Scoring and training share the one
+forward pass; with no dropout or batch-norm in the DLRM this is exactly "score, then train".
+
+Embeddings: ``embeddings`` if given; else the SSD-backed ``CachedEmbeddingBagCollection``
+when ``[row_cache] enabled``; else the plain ``EmbeddingBagCollection``, switched to sparse
+gradients under Adagrad/SGD (``trainer.optim``). A collection with ``prefetch(next_sparse)``
+gets the next training batch right after the current forward pass; the loop then reads one
+batch ahead (in follow mode a batch is trained once the next one is available; a stop
+leaves it unread for the next run), and never prefetches across a mapping-version change.
+
+Resume: on start the newest checkpoint in ``trainer.checkpoint_dir`` is restored (model,
+optimizer, metrics, counters) and reading resumes at its cursor, so a run stopped after k
+batches and resumed produces the same parameters and metrics as an uninterrupted run
+(bitwise on CPU, given the same thread count). The cache reader position registered for
+retention is the *checkpointed* cursor, so retention never drops a batch the trainer would
+need after a crash.
+
+Stopping: ``stop`` is polled between batches and by the cache reader while it waits for new
+batches (follow mode), so the loop ends within the cache's poll interval; a checkpoint is then
+written. A non-finite loss raises ``TrainerError`` naming the cache seqs of the batch, without
+writing a checkpoint (the last good one stays the newest).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from engine.config import HeadraceConfig
+from engine.errors import TrainerError
+from storage.batch_cache import BatchCache
+from trainer.batch import TrainBatch
+from trainer.checkpoint import CheckpointManager, LoadedCheckpoint
+from trainer.data import BatchLayout, Cursor, TrainItem, TrainingStream
+from trainer.device import resolve_device
+from trainer.metrics import ProgressiveMetrics
+from trainer.model import DLRM
+from trainer.optim import build_optimizer, supports_sparse_gradients, use_sparse_gradients
+
+__all__ = ["ContinuousTrainer", "StopReason", "MappingChangeHook", "READER_NAME"]
+
+#: Name under which the trainer registers its cache reader position (for retention).
+READER_NAME = "trainer"
+
+#: ``on_mapping_change(old_version, new_version, model, optimizer)``, called before the first
+#: batch of a new id-mapping version is trained (to migrate embedding rows).
+MappingChangeHook = Callable[[int, int, nn.Module, torch.optim.Optimizer], None]
+
+
+class StopReason(enum.Enum):
+    END_OF_CACHE = "end_of_cache"  # bounded read reached the last cached batch
+    STOPPED = "stopped"  # stop() turned true
+    MAX_BATCHES = "max_batches"  # this run trained max_batches batches
+
+
+class ContinuousTrainer:
+    """Train a DLRM on the batch cache at ``cache_path``, continuously when ``follow``.
+
+    ``run()`` blocks until the cache is exhausted (``follow=False``), ``stop`` turns true, or
+    ``max_batches`` batches were trained in this run; it returns a summary dict
+    (``trained_samples``, ``auc``, ``logloss``, ``samples_per_s``, ... see ``run``).
+    ``on_progress(dict)`` is called every ``progress_every_batches`` batches from the training
+    thread. ``run`` may be called once per instance.
+    """
+
+    def __init__(self, cfg: HeadraceConfig, cache_path: str | os.PathLike[str] | None = None, *,
+                 follow: bool = False,
+                 stop: Callable[[], bool] | threading.Event | None = None,
+                 embeddings: nn.Module | None = None,
+                 device: str | torch.device | None = None,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 on_mapping_change: MappingChangeHook | None = None,
+                 progress_every_batches: int = 50,
+                 max_batches: int | None = None,
+                 keep_checkpoints: int = 3,
+                 poll_interval_s: float = 0.05):
+        if progress_every_batches < 1:
+            raise ValueError(f"progress_every_batches must be >= 1, got {progress_every_batches}")
+        if max_batches is not None and max_batches < 0:
+            raise ValueError(f"max_batches must be >= 0 or None, got {max_batches}")
+        self.cfg = cfg
+        self.cache_path = os.fspath(cache_path if cache_path is not None else cfg.cache.path)
+        self.follow = follow
+        if isinstance(stop, threading.Event):
+            self._user_stop: Callable[[], bool] = stop.is_set
+        else:
+            self._user_stop = stop or (lambda: False)
+        self.device = resolve_device(device if device is not None else cfg.trainer.device)
+        self.on_progress = on_progress
+        self.on_mapping_change = on_mapping_change
+        self.progress_every_batches = progress_every_batches
+        self.max_batches = max_batches
+        self.poll_interval_s = poll_interval_s
+
+        if embeddings is None and cfg.row_cache.enabled and cfg.schema.sparse:
+            embeddings = _row_cached_embeddings(cfg, self.device)
+        self.model = DLRM.from_config(cfg, embeddings).to(self.device)
+        if self.model.embeddings is not None and supports_sparse_gradients(cfg.trainer.optimizer):
+            # Only parameters of torch embedding modules are switched; collections that
+            # update their own rows (sparse_step) are unaffected.
+            use_sparse_gradients(self.model.embeddings)
+        self.optimizer = build_optimizer(cfg.trainer.optimizer, self.model.parameters(),
+                                         cfg.trainer.learning_rate)
+        self.metrics = ProgressiveMetrics(cfg.trainer.metrics_window)
+        self.checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir, cfg, keep=keep_checkpoints)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        # Totals since the first run of this checkpoint lineage.
+        self.total_batches = 0
+        self.total_samples = 0
+        self.mapping_version: int | None = None
+        self.cursor = Cursor()
+        self._ran = False
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "trained_batches": self.total_batches,
+            "trained_samples": self.total_samples,
+            "mapping_version": self.mapping_version,
+        }
+
+    def _restore(self) -> LoadedCheckpoint | None:
+        loaded = self.checkpoints.load(self.model, self.optimizer, self.metrics)
+        if loaded is not None:
+            self.cursor = loaded.cursor
+            self.total_batches = int(loaded.counters["trained_batches"])
+            self.total_samples = int(loaded.counters["trained_samples"])
+            mv = loaded.counters.get("mapping_version")
+            self.mapping_version = None if mv is None else int(mv)
+        return loaded
+
+    def _save(self, cache: BatchCache) -> str:
+        flush = getattr(self.model.embeddings, "flush", None)
+        if callable(flush):
+            flush()
+        path = self.checkpoints.save(self.model, self.optimizer, cursor=self.cursor,
+                                     metrics=self.metrics, counters=self._counters())
+        cache.set_reader_position(READER_NAME, self.cursor.seq)
+        return str(path)
+
+    def _open_cache(self) -> BatchCache:
+        # Opened writable because registering the reader position is a (tiny) write; the
+        # trainer never writes batches. A missing cache is an error unless following, where
+        # the trainer may start before the pipeline has written anything.
+        if not self.follow and not os.path.isdir(self.cache_path):
+            raise TrainerError(
+                f"no batch cache at {self.cache_path!r}; run the pipeline (serve/backfill) first "
+                "or point cache.path at an existing cache"
+            )
+        return BatchCache(self.cache_path, map_size_bytes=self.cfg.cache.map_size_bytes)
+
+    def _to_device(self, item: TrainItem) -> TrainBatch:
+        return item.batch.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on ``batch`` (already on the device); returns the (detached) pre-update
+        logits and the loss. ``upcoming`` is handed to the collection's ``prefetch`` right
+        after the forward pass, so its rows/ids travel while this step computes."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(batch.dense, batch.sparse)
+        if upcoming is not None:
+            self.model.embeddings.prefetch(upcoming.sparse)
+        loss = self.loss_fn(logits, batch.labels)
+        loss.backward()
+        # Sparse embedding gradients are built by autograd itself, so torch's invariant
+        # checks would only cost time; opting out explicitly also silences its warning.
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            self.optimizer.step()
+        sparse_step = getattr(self.model.embeddings, "sparse_step", None)
+        if callable(sparse_step):
+            sparse_step()
+        return logits.detach(), loss.detach()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train until the end of the cache / stop / max_batches; checkpoint; summarise.
+
+        Returns a dict with ``trained_samples`` / ``trained_batches`` (this run),
+        ``total_trained_samples`` / ``total_trained_batches`` (checkpoint lineage), the
+        metrics of ``ProgressiveMetrics.summary()`` (``auc``, ``logloss``, ``window_auc``, ...),
+        ``samples_per_s``, ``elapsed_s``, ``data_wait_s`` (time blocked on the data stream),
+        ``cursor``, ``stop_reason``, ``device``, ``resumed_from`` and ``checkpoint``.
+        """
+        if self._ran:
+            raise RuntimeError("ContinuousTrainer.run may be called once; build a new trainer")
+        self._ran = True
+        loaded = self._restore()
+        cache = self._open_cache()
+        try:
+            return self._run(cache, loaded)
+        finally:
+            cache.close()
+
+    def _run(self, cache: BatchCache, loaded: LoadedCheckpoint | None) -> dict[str, Any]:
+        cache.set_reader_position(READER_NAME, self.cursor.seq)
+        stopping = threading.Event()
+
+        def stop() -> bool:
+            return stopping.is_set() or self._user_stop()
+
+        def open_batches(start_seq: int, source_stop: Callable[[], bool]):
+            # Copying reads (one memcpy of the stored bytes per cached batch): a zero-copy
+            # iterator keeps its read transaction open while suspended, i.e. while the
+            # prefetch queue is full, which would pin old pages and stall map growth.
+            return cache.iter_batches(start_seq, follow=self.follow, stop=source_stop,
+                                      poll_interval_s=self.poll_interval_s, zero_copy=False)
+
+        stream = TrainingStream(
+            open_batches, BatchLayout.from_config(self.cfg), self.cfg.trainer.batch_size,
+            start=self.cursor, prefetch_batches=self.cfg.trainer.prefetch_batches,
+            pin_memory=self.device.type == "cuda", stop=stop,
+        )
+        # On CPU the per-batch sync is free; on CUDA, scores and losses are pulled to the host
+        # only every progress interval so the device queue is not drained each step.
+        sync_every = 1 if self.device.type == "cpu" else self.progress_every_batches
+        pending: list[tuple[TrainItem, torch.Tensor, torch.Tensor]] = []
+
+        def drain() -> None:
+            if not pending:
+                return
+            losses = torch.stack([loss for _, _, loss in pending]).cpu()
+            bad = (~torch.isfinite(losses)).nonzero()
+            if bad.numel():
+                item = pending[int(bad[0])][0]
+                raise TrainerError(
+                    f"non-finite loss {float(losses[int(bad[0])])} on the training batch from "
+                    f"cache seq {item.first_seq} to {item.last_seq} (cursor after it "
+                    f"{item.cursor.seq}:{item.cursor.row}); no checkpoint was written for it. "
+                    "Lower trainer.learning_rate, or scale large dense features (log1p = true)"
+                )
+            for done, logits, _ in pending:
+                self.metrics.update(logits, done.batch.labels)
+            pending.clear()
+
+        run_batches = run_samples = skipped = 0
+        since_save = 0
+        last_checkpoint: str | None = None
+        data_wait_s = 0.0
+        reason = StopReason.END_OF_CACHE
+        t0 = time.perf_counter()
+        last_progress_t, last_progress_samples = t0, 0
+        it = iter(stream)
+        # See the module docstring: a prefetching collection makes the loop read one ahead.
+        look_ahead = callable(getattr(self.model.embeddings, "prefetch", None))
+
+        def fetch() -> tuple[TrainItem, TrainBatch] | None:
+            nonlocal data_wait_s
+            w0 = time.perf_counter()
+            nxt = next(it, None)
+            data_wait_s += time.perf_counter() - w0
+            return None if nxt is None else (nxt, self._to_device(nxt))
+
+        try:
+            current = None
+            while True:
+                if self.max_batches is not None and run_batches >= self.max_batches:
+                    reason = StopReason.MAX_BATCHES
+                    break
+                if self._user_stop():
+                    reason = StopReason.STOPPED
+                    break
+                if current is None:
+                    current = fetch()
+                    if current is None:
+                        reason = StopReason.STOPPED if self._user_stop() else StopReason.END_OF_CACHE
+                        break
+                upcoming = fetch() if look_ahead else None
+                if self._user_stop():
+                    # A stop that arrived while waiting: this batch stays unread (resume reads it).
+                    reason = StopReason.STOPPED
+                    break
+                item, batch = current
+                version = item.mapping_version
+                if self.mapping_version is not None and version != self.mapping_version:
+                    if self.on_mapping_change is not None:
+                        self.on_mapping_change(self.mapping_version, version, self.model,
+                                               self.optimizer)
+                # No prefetch across a mapping change: the hook may move rows in between.
+                ahead = upcoming[1] if upcoming is not None and \
+                    upcoming[0].mapping_version == version else None
+                logits, loss = self._train_step(batch, ahead)
+                current = upcoming
+                pending.append((item, logits, loss))
+                self.mapping_version = version
+                self.cursor = item.cursor
+                n = item.batch.batch_size
+                skipped += item.skipped_batches
+                run_batches += 1
+                run_samples += n
+                self.total_batches += 1
+                self.total_samples += n
+                since_save += 1
+                if len(pending) >= sync_every:
+                    drain()
+                if since_save >= self.cfg.trainer.checkpoint_every_batches:
+                    drain()
+                    last_checkpoint = self._save(cache)
+                    since_save = 0
+                if self.on_progress is not None and run_batches % self.progress_every_batches == 0:
+                    drain()
+                    now = time.perf_counter()
+                    self.on_progress(self._progress(
+                        run_samples, now - t0, (run_samples - last_progress_samples)
+                        / max(now - last_progress_t, 1e-9), data_wait_s))
+                    last_progress_t, last_progress_samples = now, run_samples
+                if look_ahead and current is None:
+                    reason = StopReason.STOPPED if self._user_stop() else StopReason.END_OF_CACHE
+                    break
+        finally:
+            stopping.set()
+            stream.close()
+        drain()
+        if since_save or self.checkpoints.latest() is None:
+            last_checkpoint = self._save(cache)
+        elapsed = time.perf_counter() - t0
+        out = self._progress(run_samples, elapsed, run_samples / elapsed if elapsed > 0 else 0.0,
+                             data_wait_s)
+        out.update({
+            "trained_batches": run_batches,
+            "stop_reason": reason.value,
+            "skipped_cache_batches": skipped,
+            "device": str(self.device),
+            "resumed_from": None if loaded is None else str(loaded.path),
+            "checkpoint": last_checkpoint,
+        })
+        return out
+
+    def _progress(self, run_samples: int, elapsed_s: float, samples_per_s: float,
+                  data_wait_s: float) -> dict[str, Any]:
+        summary = self.metrics.summary()
+        summary.pop("samples", None)
+        return {
+            "trained_samples": run_samples,
+            "total_trained_samples": self.total_samples,
+            "total_trained_batches": self.total_batches,
+            "samples_per_s": samples_per_s,
+            "elapsed_s": elapsed_s,
+            "data_wait_s": data_wait_s,
+            "data_wait_fraction": data_wait_s / elapsed_s if elapsed_s > 0 else 0.0,
+            "cursor": self.cursor.to_dict(),
+            "mapping_version": self.mapping_version,
+            **summary,
+        }
+
+
+def _row_cached_embeddings(cfg: HeadraceConfig, device: torch.device) -> nn.Module:
+    """The SSD-backed collection ``[row_cache] enabled = true`` asks for. The DLRM takes one
+    collection serving every sparse feature, so all of them must be cached."""
+    from trainer.cached_embedding import build_cached_embeddings
+
+    names = [s.name for s in cfg.schema.sparse]
+    if cfg.row_cache.tables and sorted(cfg.row_cache.tables) != sorted(names):
+        raise TrainerError(
+            f"row_cache.tables = {list(cfg.row_cache.tables)} caches only some sparse features; "
+            f"the continuous trainer needs all of them ({names}) in one collection: leave "
+            "row_cache.tables empty (cache every table) or disable [row_cache]"
+        )
+    return build_cached_embeddings(cfg, device=device)
