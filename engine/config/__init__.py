@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.config._loader import ConfigContext, build_section
 from engine.config.core import (
-    CacheConfig, DenseFeature, EventFormat, FilterConfig, KafkaClientKind, OptimizerKind,
+    CacheConfig, CacheDurability, DenseFeature, EventFormat, FilterConfig, KafkaClientKind, OptimizerKind,
     PipelineConfig, RunnerKind, SchemaConfig, SourceConfig, SourceKind, SparseFeature,
     SparseType, StartPosition, TrainerConfig,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "HeadraceConfig", "load_config", "config_from_dict", "replace_in",
     "SourceConfig", "SourceKind", "KafkaClientKind", "StartPosition",
     "SchemaConfig", "EventFormat", "DenseFeature", "SparseFeature", "SparseType",
-    "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "TrainerConfig",
+    "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "CacheDurability", "TrainerConfig",
     "OptimizerKind", "HashConfig", "ShardingConfig", "RowCacheConfig",
 ]
 

@@ -8,7 +8,7 @@ import enum
 __all__ = [
     "SourceKind", "KafkaClientKind", "StartPosition", "SourceConfig",
     "EventFormat", "SparseType", "DenseFeature", "SparseFeature", "SchemaConfig",
-    "FilterConfig", "RunnerKind", "PipelineConfig", "CacheConfig", "OptimizerKind", "TrainerConfig",
+    "FilterConfig", "RunnerKind", "PipelineConfig", "CacheDurability", "CacheConfig", "OptimizerKind", "TrainerConfig",
 ]
 
 
@@ -153,9 +153,20 @@ class PipelineConfig:
     beam_options: tuple[str, ...] = ()
 
 
+class CacheDurability(enum.Enum):
+    """LMDB sync mode. ``full``: every write txn is fsynced (data and meta page).
+    ``no_metasync``: the meta page is not fsynced; a machine crash (not a process crash)
+    may undo the last write, which exactly-once survives because the source re-reads that
+    range. Measured ~1.8x more batches/s than full (storage helper's bench)."""
+
+    FULL = "full"
+    NO_METASYNC = "no_metasync"
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     path: str = "./headrace-data/cache"
+    durability: CacheDurability = CacheDurability.FULL
     max_bytes: int = 0  # retention budget for batch bytes; 0 = keep everything
     map_size_bytes: int = 1 << 36  # LMDB map size (virtual; grows the file lazily)
 

@@ -1,0 +1,643 @@
+"""The LMDB batch cache: Arrow batches, their source offsets, dead letters and counters,
+committed together so that a crash at any instant leaves every event stored exactly once.
+
+One directory holds one LMDB environment with these sub-databases:
+
+=============  =========================================  ==================================
+name           key                                        value
+=============  =========================================  ==================================
+batches        ``>Q seq`` (cursor order = write order)    Arrow IPC stream bytes
+batch_meta     ``>Q seq``                                 ``cache_keys.BatchMeta``
+offsets        topic, partition                           ``>Q`` next offset to read
+dead_letters   topic, partition, ``>Q`` offset            ``dead_letters`` layout
+counters       ``cache_keys.Counter`` / ``dead:<reason>``  ``>q``
+readers        reader name                                ``>Q`` seq it consumed up to
+state          ``cache_keys.StateKey``                    retention budget and outcome
+=============  =========================================  ==================================
+
+Processes: one writer process (the pipeline) and any number of reader processes (the
+trainer, ``cache stat``). Readers never block the writer or each other (LMDB MVCC). A
+reader that registers a cursor (``set_reader_position``) opens the cache writable but
+does not call ``write``; its tiny cursor commits serialise with the writer's.
+
+Durability: see ``storage.lmdb_env.Durability``; by default a ``write`` that returned
+survives SIGKILL of any process and a machine crash.
+
+Example:
+    >>> import tempfile, numpy as np, pyarrow as pa
+    >>> from transforms.elements import ProcessedBatch
+    >>> rows = pa.record_batch({"_offset": pa.array([0, 1], pa.int64())})
+    >>> pb = ProcessedBatch("t", 0, 0, 2, 0, rows, (), np.empty(0, np.int64), read=2)
+    >>> with BatchCache(tempfile.mkdtemp()) as cache:
+    ...     cache.write(pb), cache.write(pb), cache.next_offsets(), cache.read(0).num_rows
+    (<WriteStatus.WRITTEN: 'written'>, <WriteStatus.DUPLICATE: 'duplicate'>, {'t': {0: 2}}, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lmdb
+
+from engine.errors import CacheError
+from storage.admission import WriteStatus, admit, check, classify, encode_batch
+from storage.cache_keys import (
+    DEAD_REASON_PREFIX, BatchMeta, Counter, StateKey, dead_letter_key, dead_reason_key, decode_i64,
+    decode_u64, encode_i64, encode_u64, parse_partition_key, partition_key, seq_from_key, seq_key,
+    validate_partition, validate_topic,
+)
+from storage.cache_reader import CachedBatch, CacheReader
+from storage.dead_letters import decode_dead_letter, encode_dead_letter, reason_of
+from storage.lmdb_env import MAX_DBS, MAX_READERS, Durability, EnvHandle, acquire, release
+from storage.retention import RetentionPlan, plan_retention
+from transforms.elements import DeadLetter, ProcessedBatch, Reason
+
+__all__ = ["BatchCache", "CachedBatch", "CacheReader", "WriteStatus", "Durability", "WriteHook", "SubDb"]
+
+_log = logging.getLogger(__name__)
+
+#: ``fn(txn, pb, seq)``: runs inside the write transaction of every write that stores
+#: rows (``pb`` is the trimmed batch actually stored, ``seq`` its seq). It may read and
+#: write sub-databases from ``BatchCache.open_db`` through ``txn``; if it raises, nothing
+#: of the write is committed. It may run more than once for one write (the transaction is
+#: retried after growing a full map), so it must not have effects outside ``txn``.
+WriteHook = Callable[[Any, ProcessedBatch, int], None]
+
+_DEAD_LETTER_CHUNK = 512
+_MAX_GROW_ATTEMPTS = 16
+
+
+class SubDb(enum.Enum):
+    BATCHES = "batches"
+    META = "batch_meta"
+    OFFSETS = "offsets"
+    DEAD_LETTERS = "dead_letters"
+    COUNTERS = "counters"
+    READERS = "readers"
+    STATE = "state"
+
+
+def _get_i64(txn, db, key: bytes) -> int:
+    raw = txn.get(key, db=db)
+    return 0 if raw is None else decode_i64(raw)
+
+
+def _add_i64(txn, db, key: bytes, delta: int) -> None:
+    if delta:
+        txn.put(key, encode_i64(_get_i64(txn, db, key) + delta), db=db)
+
+
+class BatchCache:
+    """Batches + offsets + dead letters + counters in one LMDB environment (a directory).
+
+    ``map_size_bytes`` is virtual address space, not disk: the file grows as data is
+    written, and the map grows by itself when full. ``max_bytes > 0`` bounds stored batch
+    bytes (see ``storage.retention``). ``readonly=True`` opens for reading only (no
+    cursor registration); the directory must exist.
+
+    Thread-safe: any thread may call any method; writes from one process are serialised.
+    """
+
+    #: Seconds a map resize waits for this process's open read transactions to end.
+    RESIZE_WAIT_S = 60.0
+    #: Grow the map ahead of time when the used part exceeds this fraction of it.
+    GROW_AT_FILL = 0.75
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size_bytes: int = 1 << 36,
+        max_bytes: int = 0,
+        readonly: bool = False,
+        durability: Durability = Durability.FULL,
+    ):
+        if map_size_bytes < 1 << 16:
+            raise CacheError(f"map_size_bytes must be >= 65536, got {map_size_bytes}")
+        if max_bytes < 0:
+            raise CacheError(f"max_bytes must be >= 0 (0 = keep everything), got {max_bytes}")
+        self._path = os.fspath(path)
+        self._readonly = readonly
+        self._max_bytes = max_bytes
+        self._hooks: list[WriteHook] = []
+        self._warned_blocked = False
+        self._handle: EnvHandle | None = acquire(
+            self._path, map_size_bytes=map_size_bytes, readonly=readonly, durability=durability
+        )
+        try:
+            self._db = dict(zip(SubDb, self._open_named(*(sub.value for sub in SubDb))))
+        except BaseException:
+            release(self._handle)
+            self._handle = None
+            raise
+
+    @classmethod
+    def from_config(cls, cache_cfg, readonly: bool = False) -> "BatchCache":
+        """Open the cache described by an ``engine.config.CacheConfig``."""
+        return cls(
+            cache_cfg.path, map_size_bytes=cache_cfg.map_size_bytes, max_bytes=cache_cfg.max_bytes, readonly=readonly,
+            durability=Durability(cache_cfg.durability.value),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Release the environment (idempotent). Zero-copy batches die with it."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            release(handle)
+
+    def __enter__(self) -> "BatchCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def env(self) -> lmdb.Environment:
+        return self._live().env
+
+    @property
+    def map_size_bytes(self) -> int:
+        return self._live().map_size_bytes
+
+    def _live(self) -> EnvHandle:
+        if self._handle is None:
+            raise CacheError(f"cache {self._path} is closed")
+        return self._handle
+
+    def _require_writable(self, what: str) -> None:
+        if self._readonly:
+            raise CacheError(f"cache {self._path} is open read-only; {what} needs BatchCache(..., readonly=False)")
+
+    def _open_named(self, *names: str) -> list[Any]:
+        """Handles of sub-databases ``names``, created (in one transaction) if missing on
+        a writable environment. Handles are shared by every cache on the environment."""
+        handle = self._live()
+        with handle.dbs_lock:
+            missing = [n for n in names if n not in handle.dbs]
+            try:
+                if missing and handle.readonly:
+                    # py-lmdb keeps a handle opened in its own internal read txn; one opened in
+                    # a caller's read txn is closed when that txn ends.
+                    with handle.gate.shared():
+                        for n in missing:
+                            handle.dbs[n] = handle.env.open_db(n.encode(), create=False)
+                elif missing:
+                    with handle.gate.shared(), handle.write_lock, handle.env.begin(write=True) as txn:
+                        opened = {n: handle.env.open_db(n.encode(), txn=txn, create=True) for n in missing}
+                    handle.dbs.update(opened)
+            except lmdb.NotFoundError:
+                raise CacheError(
+                    f"cache {self._path} lacks sub-database(s) {missing}; it is not initialised yet (open it "
+                    "writable once) or they belong to a feature that never wrote",
+                    retriable=True,
+                ) from None
+            except lmdb.DbsFullError:
+                raise CacheError(
+                    f"cache {self._path}: too many sub-databases (max {MAX_DBS}); open fewer with open_db"
+                ) from None
+            return [handle.dbs[n] for n in names]
+
+    def open_db(self, name: str):
+        """A named sub-database for cache extensions (e.g. id statistics kept by a write
+        hook), created if missing on a writable cache. Call it before writing, never from
+        inside a hook (it needs its own write transaction)."""
+        if not name or name in {s.value for s in SubDb}:
+            raise CacheError(f"sub-database name {name!r} is empty or reserved by the batch cache; pick another")
+        return self._open_named(name)[0]
+
+    def add_write_hook(self, fn: WriteHook) -> None:
+        """Run ``fn`` inside every write that stores rows (see ``WriteHook``)."""
+        self._require_writable("add_write_hook")
+        self._hooks.append(fn)
+
+    # --------------------------------------------------------------- transactions
+
+    @contextlib.contextmanager
+    def _txn(self, *, write: bool = False) -> Iterator[Any]:
+        """A transaction under this process's gate; commits a write transaction when the
+        block succeeds, aborts otherwise. Adopts a map grown by another process. LMDB
+        errors become CacheError, except MapFullError (``_write_txn`` grows the map)."""
+        handle = self._live()
+        while True:
+            with handle.gate.shared(), (handle.write_lock if write else contextlib.nullcontext()):
+                try:
+                    txn = handle.env.begin(write=write, buffers=not write)
+                except lmdb.MapResizedError:
+                    txn = None
+                except lmdb.Error as exc:
+                    raise self._cache_error(exc) from exc
+                if txn is not None:
+                    committed = False
+                    try:
+                        yield txn
+                        if write:
+                            txn.commit()
+                            committed = True
+                    except lmdb.MapFullError:
+                        raise
+                    except lmdb.Error as exc:
+                        raise self._cache_error(exc) from exc
+                    finally:
+                        if not committed:
+                            txn.abort()
+                    return
+            handle.adopt_map_size(self.RESIZE_WAIT_S)
+
+    def _cache_error(self, exc: lmdb.Error) -> CacheError:
+        if isinstance(exc, lmdb.ReadersFullError):
+            return CacheError(
+                f"cache {self._path}: all {MAX_READERS} LMDB reader slots are taken; close idle readers or "
+                "reader() blocks (a crashed process's slots are freed when a writer opens the cache)",
+                retriable=True,
+            )
+        # ENOSPC and friends may clear up; corruption does not.
+        retriable = isinstance(exc, (lmdb.DiskError, lmdb.MemoryError))
+        return CacheError(f"cache {self._path}: LMDB error: {exc}", retriable=retriable)
+
+    def _write_txn(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(txn)`` in a write transaction, growing the map and retrying (from
+        scratch) when it is full."""
+        handle = self._live()
+        for _ in range(_MAX_GROW_ATTEMPTS):
+            try:
+                with self._txn(write=True) as txn:
+                    result = fn(txn)
+            except lmdb.MapFullError:
+                new_size = handle.map_size_bytes * 2
+                _log.info("cache %s: LMDB map full, growing it to %d bytes", self._path, new_size)
+                handle.grow(new_size, self.RESIZE_WAIT_S)
+                continue
+            if handle.used_bytes() > self.GROW_AT_FILL * handle.map_size_bytes:
+                handle.try_grow(handle.map_size_bytes * 2)
+            return result
+        raise CacheError(f"cache {self._path}: the write does not fit even after growing the map to "
+                         f"{handle.map_size_bytes} bytes")
+
+    # ---------------------------------------------------------------------- write
+
+    def write(self, pb: ProcessedBatch) -> WriteStatus:
+        """Store ``pb`` per ``storage.admission``'s rule, in ONE write transaction with its
+        dead letters, counters and the partition's next offset (``pb.end_offset``).
+
+        Blocks while another process commits. Idempotent: re-writing a stored range is a
+        DUPLICATE and changes nothing. A batch whose kept rows are all trimmed or filtered
+        stores no batch (no seq) but still advances the offset and the counters. Raises
+        CacheError for a batch that breaks its own accounting (nothing is written).
+        """
+        self._require_writable("write")
+        checked = check(pb)
+        d = self._db
+
+        def body(txn) -> tuple[WriteStatus, RetentionPlan | None]:
+            pkey = partition_key(pb.topic, pb.partition)
+            raw = txn.get(pkey, db=d[SubDb.OFFSETS])
+            stored_next = None if raw is None else decode_u64(raw)
+            status = classify(pb, stored_next)
+            if status is not WriteStatus.WRITTEN:
+                return status, None
+            adm = admit(checked, stored_next)
+            kept = adm.pb
+            counters = d[SubDb.COUNTERS]
+            if kept.batch.num_rows:
+                data = encode_batch(kept.batch)
+                seq = _get_i64(txn, counters, Counter.NEXT_SEQ.key)
+                key = seq_key(seq)
+                txn.put(key, data, db=d[SubDb.BATCHES], append=True)
+                meta = BatchMeta(
+                    topic=pb.topic, partition=pb.partition, start_offset=adm.start_offset,
+                    end_offset=pb.end_offset, rows=kept.batch.num_rows, nbytes=len(data),
+                    mapping_version=pb.mapping_version,
+                    event_time_min_ms=adm.event_time_min_ms, event_time_max_ms=adm.event_time_max_ms,
+                )
+                txn.put(key, meta.encode(), db=d[SubDb.META], append=True)
+                _add_i64(txn, counters, Counter.NEXT_SEQ.key, 1)
+                _add_i64(txn, counters, Counter.STORED_BATCHES.key, 1)
+                _add_i64(txn, counters, Counter.STORED_ROWS.key, kept.batch.num_rows)
+                _add_i64(txn, counters, Counter.STORED_BYTES.key, len(data))
+                _add_i64(txn, counters, Counter.WRITTEN_BYTES.key, len(data))
+                _add_i64(txn, counters, Counter.CACHED_ROWS.key, kept.batch.num_rows)
+                for hook in self._hooks:
+                    hook(txn, kept, seq)
+            by_reason: dict[str, int] = {}
+            for dl in kept.dead_letters:
+                txn.put(dead_letter_key(dl.topic, dl.partition, dl.offset), encode_dead_letter(dl), db=d[SubDb.DEAD_LETTERS])
+                by_reason[dl.reason.value] = by_reason.get(dl.reason.value, 0) + 1
+            for reason, n in by_reason.items():
+                _add_i64(txn, counters, dead_reason_key(reason), n)
+            _add_i64(txn, counters, Counter.DEAD_LETTERS.key, len(kept.dead_letters))
+            _add_i64(txn, counters, Counter.FILTERED.key, int(kept.filtered_offsets.size))
+            _add_i64(txn, counters, Counter.READ.key, adm.read)
+            txn.put(pkey, encode_u64(pb.end_offset), db=d[SubDb.OFFSETS])
+            state = d[SubDb.STATE]
+            if txn.get(StateKey.MAX_BYTES.key, db=state) != encode_i64(self._max_bytes):
+                txn.put(StateKey.MAX_BYTES.key, encode_i64(self._max_bytes), db=state)
+            return status, self._retain(txn, self._max_bytes)
+
+        status, plan = self._write_txn(body)
+        if plan is not None:
+            self._note_retention(plan)
+        return status
+
+    # ------------------------------------------------------------------ retention
+
+    def _retain(self, txn, max_bytes: int) -> RetentionPlan:
+        """Apply retention inside ``txn`` and record its outcome in ``state``."""
+        d = self._db
+        counters, state = d[SubDb.COUNTERS], d[SubDb.STATE]
+        stored_bytes = _get_i64(txn, counters, Counter.STORED_BYTES.key)
+        plan = RetentionPlan([], 0, 0, None)
+        if max_bytes > 0 and stored_bytes > max_bytes:
+            mcur = txn.cursor(db=d[SubDb.META])
+            newest = seq_from_key(mcur.key()) if mcur.last() else None
+            lowest = None
+            for name, raw in txn.cursor(db=d[SubDb.READERS]):
+                pos = decode_u64(raw)
+                if lowest is None or pos < lowest[1]:
+                    lowest = (bytes(name).decode(), pos)
+            rows_of: dict[int, int] = {}
+
+            def oldest_first():
+                for key, raw in txn.cursor(db=d[SubDb.META]):
+                    meta = BatchMeta.decode(raw)
+                    seq = seq_from_key(key)
+                    rows_of[seq] = meta.rows
+                    yield seq, meta.nbytes
+
+            plan = plan_retention(
+                oldest_first(), stored_bytes=stored_bytes, max_bytes=max_bytes, newest_seq=newest, lowest_reader=lowest
+            )
+            for seq in plan.delete_seqs:
+                txn.delete(seq_key(seq), db=d[SubDb.BATCHES])
+                txn.delete(seq_key(seq), db=d[SubDb.META])
+            _add_i64(txn, counters, Counter.STORED_BATCHES.key, -len(plan.delete_seqs))
+            _add_i64(txn, counters, Counter.STORED_ROWS.key, -sum(rows_of[s] for s in plan.delete_seqs))
+            _add_i64(txn, counters, Counter.STORED_BYTES.key, -plan.freed_bytes)
+        if _get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key) != plan.over_budget_bytes:
+            txn.put(StateKey.OVER_BUDGET_BYTES.key, encode_i64(plan.over_budget_bytes), db=state)
+        blocked = (plan.blocked_by_reader or "").encode()
+        if (txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"") != blocked:
+            txn.put(StateKey.BLOCKED_BY_READER.key, blocked, db=state)
+        return plan
+
+    def _note_retention(self, plan: RetentionPlan) -> None:
+        if plan.blocked_by_reader and not self._warned_blocked:
+            _log.warning(
+                "cache %s: %d bytes over the retention budget because reader %r has not consumed the oldest "
+                "batches; they are kept. Advance or remove_reader(%r) if that reader is gone.",
+                self._path, plan.over_budget_bytes, plan.blocked_by_reader, plan.blocked_by_reader,
+            )
+        self._warned_blocked = bool(plan.blocked_by_reader)
+
+    def set_reader_position(self, name: str, seq: int) -> None:
+        """Record that reader ``name`` consumed every batch below ``seq`` (so retention
+        may delete them), and apply retention with the writer's budget. Durable like a
+        write; idempotent. Moving a cursor backwards is allowed (batches already deleted
+        stay deleted)."""
+        self._require_writable("set_reader_position")
+        if not isinstance(name, str) or not name:
+            raise CacheError(f"reader name must be a non-empty str, got {name!r}")
+        if not isinstance(seq, int) or seq < 0:
+            raise CacheError(f"reader {name!r}: seq must be an int >= 0, got {seq!r}")
+        d = self._db
+
+        def body(txn) -> RetentionPlan:
+            txn.put(name.encode(), encode_u64(seq), db=d[SubDb.READERS])
+            return self._retain(txn, _get_i64(txn, d[SubDb.STATE], StateKey.MAX_BYTES.key))
+
+        self._note_retention(self._write_txn(body))
+
+    def remove_reader(self, name: str) -> bool:
+        """Forget reader ``name`` (it no longer holds batches back). True if it existed."""
+        self._require_writable("remove_reader")
+        return bool(self._write_txn(lambda txn: txn.delete(name.encode(), db=self._db[SubDb.READERS])))
+
+    def reader_positions(self) -> dict[str, int]:
+        with self._txn() as txn:
+            return {bytes(k).decode(): decode_u64(v) for k, v in txn.cursor(db=self._db[SubDb.READERS])}
+
+    # -------------------------------------------------------------------- offsets
+
+    def next_offsets(self) -> dict[str, dict[int, int]]:
+        """topic -> partition -> next offset to read (where a source resumes)."""
+        out: dict[str, dict[int, int]] = {}
+        with self._txn() as txn:
+            for key, raw in txn.cursor(db=self._db[SubDb.OFFSETS]):
+                topic, partition = parse_partition_key(key)
+                out.setdefault(topic, {})[partition] = decode_u64(raw)
+        return out
+
+    def next_offset(self, topic: str, partition: int) -> int | None:
+        validate_topic(topic)
+        validate_partition(partition)
+        with self._txn() as txn:
+            raw = txn.get(partition_key(topic, partition), db=self._db[SubDb.OFFSETS])
+            return None if raw is None else decode_u64(raw)
+
+    # ---------------------------------------------------------------------- reads
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[CacheReader]:
+        """One read transaction: zero-copy batches valid only inside the block (see
+        ``storage.cache_reader``). Keep it short."""
+        with self._txn() as txn:
+            yield CacheReader(txn, self._db[SubDb.BATCHES], self._db[SubDb.META])
+
+    def first_seq(self) -> int | None:
+        with self.reader() as r:
+            return r.first_seq()
+
+    def last_seq(self) -> int | None:
+        with self.reader() as r:
+            return r.last_seq()
+
+    def read(self, seq: int) -> CachedBatch:
+        """Batch ``seq`` (copied: the caller may keep it), or the next stored one if
+        retention deleted it (``skipped_batches`` > 0). Raises a retriable CacheError if
+        nothing at or after ``seq`` is stored yet."""
+        with self.reader() as r:
+            cb = r.read_at_or_after(seq, copy=True)
+            if cb is None:
+                raise CacheError(f"cache {self._path}: no batch at or after seq {seq} yet (last seq {r.last_seq()})",
+                                 retriable=True)
+            return cb
+
+    def iter_batches(
+        self,
+        start_seq: int = 0,
+        *,
+        follow: bool = False,
+        stop: Callable[[], bool] | None = None,
+        poll_interval_s: float = 0.05,
+        max_wait_s: float | None = None,
+        zero_copy: bool = False,
+    ) -> Iterator[CachedBatch]:
+        """Batches with seq >= ``start_seq`` in seq order, each read in its own short
+        transaction (so the iterator never pins old pages or blocks map growth between
+        batches).
+
+        - ``follow=False``: ends at the last batch stored when it gets there.
+        - ``follow=True``: then waits for new batches: sleeps (1 ms doubling up to
+          ``poll_interval_s``) between cheap ``last_seq`` checks, never spins. Ends when
+          ``stop()`` returns True (checked before each batch and each sleep) or, if
+          ``max_wait_s`` is set, when no batch arrived for that long.
+        - ``zero_copy=False`` (default): every batch owns its memory; keep it as long as
+          you like. ``zero_copy=True``: each batch is valid only until the iterator
+          advances (or is closed); its transaction stays open while you hold it.
+
+        A batch with ``skipped_batches > 0`` follows batches that retention deleted
+        before this iterator reached them.
+        """
+        if poll_interval_s <= 0:
+            raise CacheError(f"poll_interval_s must be > 0, got {poll_interval_s}")
+        expected = start_seq
+        waited_since: float | None = None
+        sleep_s = min(0.001, poll_interval_s)
+        while True:
+            if stop is not None and stop():
+                return
+            with self.reader() as r:
+                cb = r.read_at_or_after(expected, copy=not zero_copy)
+                if cb is not None and zero_copy:
+                    yield cb  # inside the transaction: its memory is valid until we resume
+            if cb is not None:
+                if not zero_copy:
+                    yield cb  # owns its memory: the transaction has ended already
+                expected = cb.seq + 1
+                waited_since = None
+                sleep_s = min(0.001, poll_interval_s)
+                continue
+            if not follow:
+                return
+            now = time.monotonic()
+            if waited_since is None:
+                waited_since = now
+            elif max_wait_s is not None and now - waited_since >= max_wait_s:
+                return
+            while True:
+                if stop is not None and stop():
+                    return
+                time.sleep(sleep_s)
+                sleep_s = min(sleep_s * 2, poll_interval_s)
+                last = self.last_seq()
+                if last is not None and last >= expected:
+                    break
+                if max_wait_s is not None and time.monotonic() - waited_since >= max_wait_s:
+                    return
+
+    # ---------------------------------------------------------------- accounting
+
+    def counts(self) -> dict[str, int]:
+        """Totals over the cache's life: read == cached_rows + filtered + dead_letters."""
+        with self._txn() as txn:
+            c = self._db[SubDb.COUNTERS]
+            return {
+                name: _get_i64(txn, c, counter.key)
+                for name, counter in (
+                    ("read", Counter.READ), ("cached_rows", Counter.CACHED_ROWS),
+                    ("filtered", Counter.FILTERED), ("dead_letters", Counter.DEAD_LETTERS),
+                )
+            }
+
+    def dead_letters(self, *, reason: Reason | str | None = None, limit: int | None = None) -> Iterator[DeadLetter]:
+        """Stored dead letters in (topic, partition, offset) order, optionally of one
+        reason code, at most ``limit``. Reads in chunks of short transactions, so a
+        concurrent writer's new dead letters may or may not appear."""
+        want = reason.value if isinstance(reason, Reason) else reason
+        if want is not None and want not in {r.value for r in Reason}:
+            raise CacheError(f"unknown dead-letter reason {want!r}; expected one of {[r.value for r in Reason]}")
+        if limit is not None and limit < 0:
+            raise CacheError(f"limit must be >= 0, got {limit}")
+        produced = 0
+        after: bytes | None = None
+        while limit is None or produced < limit:
+            chunk: list[DeadLetter] = []
+            with self._txn() as txn:
+                cur = txn.cursor(db=self._db[SubDb.DEAD_LETTERS])
+                ok = cur.first() if after is None else cur.set_range(after)
+                if ok and after is not None and bytes(cur.key()) == after:
+                    ok = cur.next()
+                while ok and len(chunk) < _DEAD_LETTER_CHUNK:
+                    key, value = cur.item()
+                    after = bytes(key)
+                    if want is None or reason_of(value) == want:
+                        chunk.append(decode_dead_letter(key, value))
+                    ok = cur.next()
+            for dl in chunk:
+                if limit is not None and produced >= limit:
+                    return
+                yield dl
+                produced += 1
+            if not ok:
+                return
+
+    def stat(self) -> dict[str, Any]:
+        """A JSON-ready summary (string keys throughout; partitions as strings)."""
+        d = self._db
+        with self._txn() as txn:
+            c = d[SubDb.COUNTERS]
+            dead_by_reason: dict[str, int] = {}
+            cur = txn.cursor(db=c)
+            if cur.set_range(DEAD_REASON_PREFIX):
+                for key, raw in cur:
+                    key = bytes(key)
+                    if not key.startswith(DEAD_REASON_PREFIX):
+                        break
+                    dead_by_reason[key[len(DEAD_REASON_PREFIX):].decode()] = decode_i64(raw)
+            tmin = tmax = None
+            versions: dict[str, int] = {}
+            for _, raw in txn.cursor(db=d[SubDb.META]):
+                meta = BatchMeta.decode(raw)
+                versions[str(meta.mapping_version)] = versions.get(str(meta.mapping_version), 0) + 1
+                if meta.event_time_min_ms is not None:
+                    tmin = meta.event_time_min_ms if tmin is None else min(tmin, meta.event_time_min_ms)
+                    tmax = meta.event_time_max_ms if tmax is None else max(tmax, meta.event_time_max_ms)
+            offsets: dict[str, dict[str, int]] = {}
+            for key, raw in txn.cursor(db=d[SubDb.OFFSETS]):
+                topic, partition = parse_partition_key(key)
+                offsets.setdefault(topic, {})[str(partition)] = decode_u64(raw)
+            readers = {bytes(k).decode(): decode_u64(v) for k, v in txn.cursor(db=d[SubDb.READERS])}
+            r = CacheReader(txn, d[SubDb.BATCHES], d[SubDb.META])
+            state = d[SubDb.STATE]
+            blocked = bytes(txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"").decode()
+            return {
+                "path": self._path,
+                "batches": _get_i64(txn, c, Counter.STORED_BATCHES.key),
+                "rows": _get_i64(txn, c, Counter.STORED_ROWS.key),
+                "bytes": _get_i64(txn, c, Counter.STORED_BYTES.key),
+                "written_bytes": _get_i64(txn, c, Counter.WRITTEN_BYTES.key),
+                "offsets": offsets,
+                "dead_letters": dead_by_reason,
+                "event_time": None if tmin is None else [tmin, tmax],
+                "read": _get_i64(txn, c, Counter.READ.key),
+                "cached_rows": _get_i64(txn, c, Counter.CACHED_ROWS.key),
+                "filtered": _get_i64(txn, c, Counter.FILTERED.key),
+                "dead_letters_total": _get_i64(txn, c, Counter.DEAD_LETTERS.key),
+                "first_seq": r.first_seq(),
+                "last_seq": r.last_seq(),
+                "readers": readers,
+                "mapping_versions": versions,
+                "max_bytes": _get_i64(txn, state, StateKey.MAX_BYTES.key),
+                "over_budget_bytes": _get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key),
+                "blocked_by_reader": blocked or None,
+                "map_size_bytes": self._live().map_size_bytes,
+            }

@@ -1,0 +1,123 @@
+"""Reading stored batches inside one LMDB read transaction.
+
+``CacheReader`` is what ``BatchCache.reader()`` yields: one read transaction, i.e. one
+consistent snapshot of the cache. Its batches are **zero-copy**: their Arrow buffers
+point straight into LMDB's memory map and are valid only until the ``reader()`` block
+ends. Afterwards the pages may be reused by the writer (the batch silently changes) or
+unmapped by a map resize or ``close()`` (reading it crashes the process). Convert what
+you need (e.g. to tensors, which copies) inside the block, or use the copying paths
+(``BatchCache.read``, ``BatchCache.iter_batches(zero_copy=False)``) for batches you keep.
+
+Keep reader blocks short: an open read transaction pins the pages of its snapshot (the
+file cannot reuse them) and holds back map growth in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from engine.errors import CacheError
+from storage.admission import decode_batch
+from storage.cache_keys import BatchMeta, seq_from_key, seq_key
+
+__all__ = ["CachedBatch", "CacheReader"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedBatch:
+    """One stored batch and its source range.
+
+    ``skipped_batches`` > 0 says retention deleted that many batches between the seq the
+    caller asked for and ``seq`` (the reader fell behind a retention budget): those rows
+    were never delivered to this caller.
+    """
+
+    seq: int
+    batch: pa.RecordBatch
+    topic: str
+    partition: int
+    start_offset: int
+    end_offset: int
+    mapping_version: int
+    event_time_min_ms: int | None
+    event_time_max_ms: int | None
+    skipped_batches: int = 0
+    nbytes: int = 0  # stored Arrow IPC bytes
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+
+class CacheReader:
+    """Zero-copy reads within one read transaction (see module docstring).
+
+    Do not construct directly: use ``with cache.reader() as r``.
+    """
+
+    def __init__(self, txn, batches_db, meta_db):
+        self._txn = txn
+        self._batches = batches_db
+        self._meta = meta_db
+
+    @property
+    def txn(self):
+        """The read transaction (an ``lmdb.Transaction``, ``buffers=True``: values are
+        memoryviews into the map) for reading cache extensions' sub-databases
+        (``BatchCache.open_db``) in the same snapshot. Valid only inside the block."""
+        return self._txn
+
+    def first_seq(self) -> int | None:
+        cur = self._txn.cursor(db=self._batches)
+        return seq_from_key(cur.key()) if cur.first() else None
+
+    def last_seq(self) -> int | None:
+        cur = self._txn.cursor(db=self._batches)
+        return seq_from_key(cur.key()) if cur.last() else None
+
+    def read_at_or_after(self, seq: int, *, copy: bool) -> CachedBatch | None:
+        """The first stored batch with seq >= ``seq`` (None if there is none in this
+        snapshot). ``copy`` decides whether the batch owns its memory."""
+        if seq < 0:
+            raise CacheError(f"seq must be >= 0, got {seq}")
+        cur = self._txn.cursor(db=self._batches)
+        if not cur.set_range(seq_key(seq)):
+            return None
+        key, value = cur.item()
+        actual = seq_from_key(key)
+        raw_meta = self._txn.get(key, db=self._meta)
+        if raw_meta is None:
+            raise CacheError(f"batch {actual} has no metadata record: the cache is corrupt")
+        meta = BatchMeta.decode(raw_meta)
+        batch = decode_batch(bytes(value) if copy else value)
+        return CachedBatch(
+            seq=actual, batch=batch, topic=meta.topic, partition=meta.partition,
+            start_offset=meta.start_offset, end_offset=meta.end_offset,
+            mapping_version=meta.mapping_version,
+            event_time_min_ms=meta.event_time_min_ms, event_time_max_ms=meta.event_time_max_ms,
+            skipped_batches=actual - seq, nbytes=len(value),
+        )
+
+    def read(self, seq: int) -> CachedBatch:
+        """Zero-copy batch ``seq``, or the next stored one if retention deleted it
+        (``skipped_batches`` says how many). Raises CacheError (retriable) if no batch at
+        or after ``seq`` exists in this snapshot."""
+        cb = self.read_at_or_after(seq, copy=False)
+        if cb is None:
+            raise CacheError(f"no batch at or after seq {seq} yet (last seq {self.last_seq()})", retriable=True)
+        return cb
+
+    def iter_batches(self, start_seq: int = 0, end_seq: int | None = None) -> Iterator[CachedBatch]:
+        """Zero-copy batches with ``start_seq <= seq < end_seq`` of this snapshot, in seq
+        order. The first one's ``skipped_batches`` counts deleted batches from
+        ``start_seq``; seqs are contiguous after that (retention never punches holes)."""
+        expected = start_seq
+        while True:
+            cb = self.read_at_or_after(expected, copy=False)
+            if cb is None or (end_seq is not None and cb.seq >= end_seq):
+                return
+            yield cb
+            expected = cb.seq + 1
