@@ -22,13 +22,14 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.config import HeadraceConfig
 from engine.errors import CheckpointError
+from storage.atomic import atomic_write
 from trainer.data import Cursor
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import model_shape
@@ -37,7 +38,8 @@ __all__ = ["CheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
-_TMP_PREFIX = ".tmp-ckpt-"
+# storage.atomic.atomic_write names its temp files ".<name>.<random>.tmp"
+_TMP_GLOB = ".ckpt-*.tmp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,26 +47,6 @@ class LoadedCheckpoint:
     path: Path
     cursor: Cursor
     counters: dict[str, Any]
-
-
-def _atomic_write(path: Path, write_fn: Callable[[BinaryIO], None]) -> None:
-    # Temp file in the same directory so the rename is atomic on POSIX; fsync the file before
-    # the rename and the directory after it so the new name survives a power loss.
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write_fn(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _has_own_state(embeddings: nn.Module | None) -> bool:
@@ -90,7 +72,7 @@ class CheckpointManager:
                 f"cannot create checkpoint directory {self.directory}: {exc}; "
                 "set trainer.checkpoint_dir to a writable path"
             ) from None
-        for stale in self.directory.glob(f"{_TMP_PREFIX}*"):
+        for stale in self.directory.glob(_TMP_GLOB):
             stale.unlink(missing_ok=True)  # leftovers of a crash mid-write
 
     def checkpoints(self) -> list[Path]:
@@ -128,7 +110,7 @@ class CheckpointManager:
         blob["model"] = state
         path = self.directory / f"ckpt-{int(counters['trained_batches']):012d}.pt"
         try:
-            _atomic_write(path, lambda fh: torch.save(blob, fh))
+            atomic_write(path, lambda fh: torch.save(blob, fh))
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {path}: {exc}", retriable=True) from None
         for old in self.checkpoints()[:-self.keep]:
