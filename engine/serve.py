@@ -23,6 +23,7 @@ import orjson
 
 from engine.config import HeadraceConfig
 from engine.errors import HeadraceError, SourceError, TrainerError
+from engine.lag import LagMonitor
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
 from engine.processes import StopFile, install_stop_signals, spawn_child
@@ -73,6 +74,7 @@ class ServeStatus:
     filtered: int
     dead_letters: int
     trainer: dict[str, Any]
+    lag: int | None = None
 
     @property
     def trained_samples(self) -> int:
@@ -88,15 +90,15 @@ def _read_json(path: str) -> dict:
         return {}
 
 
-def _status(cache: BatchCache, t0: float, progress_path: str | None) -> ServeStatus:
+def _status(cache: BatchCache, t0: float, progress_path: str | None, lag: int | None = None) -> ServeStatus:
     c = cache.counts()
     return ServeStatus(time.monotonic() - t0, c["read"], c["cached_rows"], c["filtered"],
-                       c["dead_letters"], _read_json(progress_path) if progress_path else {})
+                       c["dead_letters"], _read_json(progress_path) if progress_path else {}, lag)
 
 
 def _describe(s: ServeStatus, rate: float) -> str:
-    parts = [f"read {s.read:,}", f"{format_rate(rate)} ev/s", f"cached {s.cached_rows:,}",
-             f"dead {s.dead_letters:,}"]
+    parts = [f"read {s.read:,}", f"{format_rate(rate)} ev/s", f"lag {'?' if s.lag is None else f'{s.lag:,}'}",
+             f"cached {s.cached_rows:,}", f"dead {s.dead_letters:,}"]
     if s.trainer:
         parts.append(f"trained {s.trained_samples:,}")
         if s.trainer.get("auc") is not None:
@@ -135,11 +137,13 @@ def serve(
     failure: HeadraceError | None = None
     try:
         with BatchCache.from_config(cfg.cache, readonly=True) as cache:
+            lag = LagMonitor(cfg, cache)
+            lag.start()
             start = _status(cache, t0, progress_path)
             last_read, last_t = start.read, t0
             rate = 0.0
             while True:
-                status = _status(cache, t0, progress_path)
+                status = _status(cache, t0, progress_path, lag.lag)
                 now = time.monotonic()
                 if now - last_t >= 1.0:
                     rate = (status.read - last_read) / (now - last_t)
@@ -155,12 +159,14 @@ def serve(
                     break
                 time.sleep(tick_s)
             # Stop order matters: the pipeline flushes what it read, then the trainer checkpoints.
+            lag.stop()
             pipe_stop.request()
             pipe.join()
             if trainer is not None:
                 train_stop.request()
                 trainer.join()
-            status = _status(cache, t0, progress_path)
+            lag.join(timeout=10)
+            status = _status(cache, t0, progress_path, lag.lag)
             progress.update(_describe(status, status.read / max(status.elapsed_s, 1e-9)), force=True)
             progress.close()
             cache_stat = cache.stat()
@@ -187,5 +193,6 @@ def serve(
         "auc": status.trainer.get("auc"),
         "logloss": status.trainer.get("logloss"),
         "events_per_s": status.read / elapsed,
+        "lag": status.lag,
         "elapsed_s": elapsed,
     }
