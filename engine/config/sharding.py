@@ -10,7 +10,8 @@ Example (TOML):
     tables = { user_id = "row_wise" }   # force a sharding type per table
 
 The global batch is ``trainer.batch_size``; under ``torchrun`` each of the N ranks trains on
-its own slice of ``batch_size / N`` samples of every batch.
+its own contiguous slice (about ``batch_size / N`` samples) of every batch
+(``trainer.dist.DistContext.slice_of``). Tables ``[row_cache]`` holds are placed *cached*.
 """
 
 from __future__ import annotations

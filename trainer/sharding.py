@@ -1,0 +1,141 @@
+"""Building a sharded DLRM on a process group: the entry points the trainer and CLI use.
+
+Under ``torchrun`` every rank runs (see ``trainer.dist``)::
+
+    ctx = init_from_env(cfg.trainer.device)
+    plan = plan_from_config(cfg, ctx.world_size, detect_device_kind())   # same on every rank
+    emb = build_sharded_embeddings(cfg, plan, ctx)
+    model = wrap_data_parallel(DLRM.from_config(cfg, embeddings=emb).to(ctx.device), ctx)
+    lo, hi = ctx.slice_of(cfg.trainer.batch_size)   # this rank's samples of every batch
+    for batch in batches:                             # the same global batches on every rank
+        local = local_slice(batch, lo, hi)
+        loss = bce(model(local.dense, local.sparse), local.labels)   # mean over local samples
+        ...
+
+Gradients then match one process training on the whole batch: DDP averages the dense and
+replicated parameters, the pooled all-to-all scales shard gradients by ``1/W``. Tables the
+plan puts in the row cache (``Placement.CACHED``, with ``[row_cache] enabled``) are built by
+``trainer.cached_embedding`` on their owner; call ``emb.sparse_step()`` after ``backward()``
+and ``emb.flush()`` before a checkpoint, as the loop does for any collection.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.config import HeadraceConfig, replace_in
+from engine.errors import TrainerError
+from typing import Iterable
+
+from trainer.batch import Jagged, TrainBatch
+from trainer.dist import DistContext
+from trainer.embedding import TableSpec
+from trainer.model import tables_from_config
+from trainer.optim import supports_sparse_gradients
+from trainer.planner import Plan
+from trainer.sharded_embedding import ShardedEmbeddingCollection
+
+__all__ = ["build_sharded_embeddings", "wrap_data_parallel", "local_slice", "find_sharded",
+           "measure_table_stats"]
+
+
+def build_sharded_embeddings(cfg: HeadraceConfig, plan: Plan, ctx: DistContext) -> ShardedEmbeddingCollection:
+    """This rank's sharded collection for ``plan`` (collective: creates two process groups,
+    so every rank must call it at the same point)."""
+    if plan.world_size != ctx.world_size:
+        raise TrainerError(f"plan is for {plan.world_size} ranks but the job has {ctx.world_size}")
+    if ctx.initialized:
+        group_ids = dist.new_group(backend=ctx.backend)
+        group_pooled = dist.new_group(backend=ctx.backend)
+    elif ctx.world_size == 1:
+        group_ids = group_pooled = None
+        _ensure_single_process_group()
+    else:
+        raise TrainerError("a multi-rank plan needs an initialised process group (trainer.dist)")
+    return ShardedEmbeddingCollection(tables_from_config(cfg), plan, ctx.rank, seed=cfg.trainer.seed,
+                                      group_ids=group_ids, group_pooled=group_pooled,
+                                      comm_precision=cfg.sharding.comm_precision, device=ctx.device,
+                                      sparse_gradients=supports_sparse_gradients(cfg.trainer.optimizer),
+                                      cached_factory=_cached_factory(cfg, ctx.device))
+
+
+def _cached_factory(cfg: HeadraceConfig, device: torch.device) -> Callable[[TableSpec], nn.Module]:
+    """Builds the row-cache collection of one CACHED table on its owner. Each table gets its
+    own store directory, ``row_cache.path/<table>``, so that after a reshard whichever rank
+    owns the table opens its store."""
+
+    def build(spec: TableSpec) -> nn.Module:
+        from trainer.cached_embedding import build_cached_embeddings
+
+        table_cfg = replace_in(cfg, "row_cache", path=os.path.join(cfg.row_cache.path, spec.name))
+        return build_cached_embeddings(table_cfg, [spec], device=device)
+
+    return build
+
+
+def _ensure_single_process_group() -> None:
+    # The collectives need a group even for one rank; a private in-memory store keeps a
+    # plain single process free of ports and files.
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def find_sharded(model: nn.Module) -> ShardedEmbeddingCollection | None:
+    for m in model.modules():
+        if isinstance(m, ShardedEmbeddingCollection):
+            return m
+    return None
+
+
+def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP over the dense layers and replicated tables; the model-parallel shard parameters
+    are excluded (each lives on one rank). Returns ``model`` itself for a single process."""
+    if not ctx.initialized or ctx.world_size == 1:
+        return model
+    sharded = find_sharded(model)
+    ignore = set()
+    if sharded is not None:
+        mp = {id(p) for p in sharded.model_parallel_parameters()}
+        ignore = {name for name, p in model.named_parameters() if id(p) in mp}
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def local_slice(batch: TrainBatch, start: int, end: int) -> TrainBatch:
+    """Samples ``[start, end)`` of a batch (this rank's share; see ``DistContext.slice_of``)."""
+    if not 0 <= start <= end <= batch.batch_size:
+        raise TrainerError(f"slice [{start}, {end}) outside a batch of {batch.batch_size}")
+    sparse = {}
+    for name, j in batch.sparse.items():
+        lo, hi = int(j.offsets[start]), int(j.offsets[end])
+        sparse[name] = Jagged(j.values[lo:hi], j.offsets[start:end + 1] - lo,
+                              None if j.weights is None else j.weights[lo:hi])
+    return TrainBatch(batch.dense[start:end], sparse, batch.labels[start:end], batch.mapping_version)
+
+
+def measure_table_stats(batches: Iterable[TrainBatch]) -> dict[str, dict[str, float]]:
+    """Per-feature ``pooling_factor`` (mean ids per sample that has any) and
+    ``access_frequency`` (fraction of samples with at least one id) over ``batches``, e.g.
+    the first batches of the cache; the planner's ``stats`` argument
+    (``plan_from_config(cfg, n, device, stats=measure_table_stats(...))``). A feature no
+    sample carries gets the smallest allowed frequency rather than 0."""
+    ids: dict[str, int] = {}
+    present: dict[str, int] = {}
+    samples = 0
+    for b in batches:
+        samples += b.batch_size
+        for name, j in b.sparse.items():
+            lens = j.offsets[1:] - j.offsets[:-1]
+            ids[name] = ids.get(name, 0) + int(lens.sum())
+            present[name] = present.get(name, 0) + int((lens > 0).sum())
+    if samples == 0:
+        raise TrainerError("no samples to measure table statistics from")
+    return {name: {"pooling_factor": ids[name] / present[name] if present[name] else 1.0,
+                   "access_frequency": max(present[name] / samples, 1e-6)}
+            for name in ids}
