@@ -141,11 +141,19 @@ def cmd_cache_dead_letters(args) -> None:
             }).decode() + "\n")
 
 
-def cmd_plan(args) -> dict:
-    from trainer.planner import plan_from_config
+def cmd_plan(args) -> dict | None:
+    from trainer.planner import format_plan, plan_from_config
 
-    plan = plan_from_config(_config(args), world_size=args.world_size, device=args.device)
-    return plan.to_json()
+    device = args.device
+    if device == "auto":
+        from trainer.dist import detect_device_kind
+
+        device = detect_device_kind()
+    plan = plan_from_config(_config(args), args.world_size, device)
+    if args.json:
+        return plan.to_dict()
+    sys.stdout.write(format_plan(plan) + "\n")
+    return None
 
 
 def cmd_fit_hash(args) -> dict:
@@ -211,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("plan", cmd_plan, "plan how embedding tables are sharded across devices")
     sp.add_argument("--world-size", type=int, required=True)
-    sp.add_argument("--device", choices=["cpu", "h100", "h200"], default="cpu")
+    sp.add_argument("--device", choices=["auto", "cpu", "h100", "h200"], default="auto",
+                    help="device kind to plan for (auto: this machine's)")
 
     add("fit-hash", cmd_fit_hash, "fit learned id -> row mappings from the cache's statistics")
     return p
