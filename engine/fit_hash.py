@@ -71,9 +71,7 @@ def read_id_stats(cache: BatchCache, cfg: HeadraceConfig) -> tuple[dict[str, IdS
     """Every feature's ``IdStats`` and the store's summary, from one read snapshot."""
     store = open_stats(cache, cfg)
     with cache.reader() as r:
-        # CacheReader exposes its read transaction as ``txn`` (requested of storage); the
-        # private name is the same object in the version this was written against
-        txn = getattr(r, "txn", None) or r._txn
+        txn = r.txn
         stats = {f: store.read(txn, f) for f in store.features}
         summary = store.summary(txn)
     return stats, summary
