@@ -15,9 +15,10 @@ import time
 
 import apache_beam as beam
 
-from engine.config import CacheConfig
+from engine.config import HeadraceConfig
 from engine.errors import CacheError
 from storage.batch_cache import BatchCache, WriteStatus
+from storage.id_stats import IdStatsStore
 from transforms.elements import ProcessedBatch
 
 __all__ = ["WriteToCache", "OrderedCacheWriter"]
@@ -77,12 +78,15 @@ class OrderedCacheWriter:
 
 
 class _WriteDoFn(beam.DoFn):
-    def __init__(self, cache_cfg: CacheConfig, progress_every_s: float):
-        self.cache_cfg = cache_cfg
+    def __init__(self, cfg: HeadraceConfig, progress_every_s: float):
+        self.cfg = cfg
         self.progress_every_s = progress_every_s
 
     def setup(self):
-        self._cache = BatchCache.from_config(self.cache_cfg)
+        self._cache = BatchCache.from_config(self.cfg.cache)
+        if self.cfg.hash.stats_enabled:
+            # Id frequencies for fitting learned hashes, updated in each batch's write txn.
+            IdStatsStore.attach(self._cache, self.cfg.schema, self.cfg.hash)
         self._writer = OrderedCacheWriter(self._cache)
         self._last_log = time.monotonic()
 
@@ -105,12 +109,15 @@ class _WriteDoFn(beam.DoFn):
 
 
 class WriteToCache(beam.PTransform):
-    """PCollection[ProcessedBatch] -> PCollection[int] (records read per written element)."""
+    """PCollection[ProcessedBatch] -> PCollection[int] (records read per written element).
 
-    def __init__(self, cache_cfg: CacheConfig, progress_every_s: float = 0.0):
+    Uses ``cfg.cache`` and, for the id statistics kept with the cache, ``cfg.schema`` and
+    ``cfg.hash``."""
+
+    def __init__(self, cfg: HeadraceConfig, progress_every_s: float = 0.0):
         super().__init__()
-        self.cache_cfg = cache_cfg
+        self.cfg = cfg
         self.progress_every_s = progress_every_s
 
     def expand(self, pcoll):
-        return pcoll | "WriteBatches" >> beam.ParDo(_WriteDoFn(self.cache_cfg, self.progress_every_s))
+        return pcoll | "WriteBatches" >> beam.ParDo(_WriteDoFn(self.cfg, self.progress_every_s))

@@ -54,7 +54,7 @@ def apply_graph(source: beam.PCollection, cfg: HeadraceConfig, *, progress_every
     plugins = load_plugins(cfg.pipeline.plugins)
     if plugins:
         processed = processed | "Plugins" >> ApplyPlugins(plugins)
-    return processed | "Cache" >> WriteToCache(cfg.cache, progress_every_s=progress_every_s)
+    return processed | "Cache" >> WriteToCache(cfg, progress_every_s=progress_every_s)
 
 
 def resume_offsets(cfg: HeadraceConfig) -> dict[tuple[str, int], int]:

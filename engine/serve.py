@@ -24,6 +24,7 @@ import orjson
 from engine.config import HeadraceConfig
 from engine.errors import HeadraceError, SourceError, TrainerError
 from engine.lag import LagMonitor
+from engine.refit_loop import RefitThread
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
 from engine.processes import StopFile, install_stop_signals, spawn_child
@@ -59,7 +60,10 @@ def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow
     def report(status: dict) -> None:
         atomic_write_bytes(progress_path, orjson.dumps(status, option=orjson.OPT_SERIALIZE_NUMPY))
 
-    trainer = ContinuousTrainer(cfg, cfg.cache.path, follow=follow, stop=StopFile(stop_path), on_progress=report)
+    from engine.fit_hash import migration_hook
+
+    trainer = ContinuousTrainer(cfg, cfg.cache.path, follow=follow, stop=StopFile(stop_path), on_progress=report,
+                                on_mapping_change=migration_hook(cfg))
     summary = trainer.run()
     report({**summary, "final": True})
 
@@ -139,6 +143,9 @@ def serve(
         with BatchCache.from_config(cfg.cache, readonly=True) as cache:
             lag = LagMonitor(cfg, cache)
             lag.start()
+            refit = RefitThread(cfg, cache) if cfg.hash.refit_every_s > 0 else None
+            if refit is not None:
+                refit.start()
             start = _status(cache, t0, progress_path)
             last_read, last_t = start.read, t0
             rate = 0.0
@@ -160,6 +167,9 @@ def serve(
                 time.sleep(tick_s)
             # Stop order matters: the pipeline flushes what it read, then the trainer checkpoints.
             lag.stop()
+            if refit is not None:
+                refit.stop()
+                refit.join()
             pipe_stop.request()
             pipe.join()
             if trainer is not None:
@@ -194,5 +204,6 @@ def serve(
         "logloss": status.trainer.get("logloss"),
         "events_per_s": status.read / elapsed,
         "lag": status.lag,
+        "mapping_refits": [r.get("version") for r in (refit.reports if refit else []) if "version" in r],
         "elapsed_s": elapsed,
     }
