@@ -244,16 +244,18 @@ def _modulo_kernel(ids, rows):
 @numba.njit(cache=True, nogil=True)
 def _double_kernel(ids, rows, seed):
     out = np.empty((2, ids.shape[0]), dtype=np.int64)
-    r = np.uint64(rows)
+    half = rows // 2
+    r0 = np.uint64(half)
+    r1 = np.uint64(rows - half)
     s = np.uint64(seed)
     for i in range(ids.shape[0]):
         u = np.uint64(ids[i])
-        out[0, i] = np.int64(u % r)
+        out[0, i] = np.int64(u % r0)
         z = (u ^ s) + _FIB
         z = (z ^ (z >> np.uint64(30))) * _M1
         z = (z ^ (z >> np.uint64(27))) * _M2
         z = z ^ (z >> np.uint64(31))
-        out[1, i] = np.int64(z % r)
+        out[1, i] = half + np.int64(z % r1)
     return out
 
 
@@ -276,16 +278,19 @@ class ModuloMapper(IdMapper):
 
 
 class DoubleHashMapper(IdMapper):
-    """Two rows per id (``lookups = 2``), summed by the embedding bag: ``uint64(id) % rows``
-    and ``splitmix64(uint64(id) ^ seed) % rows``. Two ids collide on both rows only with
-    probability ~1/rows**2 (the "double hashing" compression baseline)."""
+    """Two rows per id (``lookups = 2``), summed by the embedding bag: ``uint64(id) % h`` in
+    the first half ``[0, h)`` and ``h + splitmix64(uint64(id) ^ seed) % (rows - h)`` in the
+    second, with ``h = rows // 2``. Two ids share both rows only with probability about
+    4/rows**2 (the "double hashing" compression baseline; same memory as modulo)."""
 
     name = "double"
-    version = 1
+    version = 2  # 1 hashed both lookups over the whole table
     lookups = 2
 
     def __init__(self, rows: int, *, seed: int = 0x5F3759DF):
         super().__init__(rows)
+        if rows < 2:
+            raise MappingError(f"double mapper: needs rows >= 2 (two half-size ranges), got {rows}")
         if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
             raise MappingError(f"double mapper: seed must be an int in [0, 2**64), got {seed!r}")
         self.seed = seed

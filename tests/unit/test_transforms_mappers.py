@@ -32,9 +32,16 @@ def test_double_mapper_two_rows_in_range_and_deterministic():
     rows = m.map(ids)
     assert rows.shape == (2, 5) and rows.dtype == np.int64
     assert ((rows >= 0) & (rows < 97)).all()
-    assert rows[0].tolist() == [(v & ((1 << 64) - 1)) % 97 for v in ids.tolist()]
+    # two half-size ranges: [0, 48) and [48, 97)
+    assert rows[0].tolist() == [(v & ((1 << 64) - 1)) % 48 for v in ids.tolist()]
+    assert ((rows[1] >= 48) & (rows[1] < 97)).all()
     assert np.array_equal(rows, DoubleHashMapper(97, seed=7).map(ids))
     assert not np.array_equal(rows[1], DoubleHashMapper(97, seed=8).map(ids)[1])
+
+
+def test_double_mapper_needs_two_rows():
+    with pytest.raises(MappingError, match="rows >= 2"):
+        DoubleHashMapper(1)
 
 
 def test_map_rejects_wrong_dtype():
