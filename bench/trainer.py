@@ -1,0 +1,107 @@
+"""Continuous-trainer throughput: samples/s of the DLRM trained from an LMDB cache, next to
+loading alone (cache -> training batches) measured in the same run, on CPU and, when one is
+present, on a GPU.
+
+The loading figure is the baseline the trainer must stay under: when loading is many
+times faster than a step, the trainer never waits for data (``data_wait_fraction``).
+
+    python bench/trainer.py [--rows 100000] [--table-rows 100000] [--threads 1] [--json]
+
+With ``--json`` the last line is ``{"results": [{"device", "samples_per_s",
+"load_samples_per_s", "data_wait_fraction", "step_ms"}], ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from engine.config import config_from_dict  # noqa: E402
+from storage.batch_cache import BatchCache  # noqa: E402
+from streams.synthetic import SyntheticSpec, generate_arrays, synthetic_config_dict  # noqa: E402
+from trainer.data import BatchLayout, TrainingStream  # noqa: E402
+from trainer.loop import ContinuousTrainer  # noqa: E402
+from transforms.elements import ProcessedBatch  # noqa: E402
+
+
+def fill_cache(cfg, spec: SyntheticSpec, rows: int, batch_rows: int = 4096) -> None:
+    """Cache batches shaped like the pipeline's output (no Kafka: this measures the trainer)."""
+    table_rows = cfg.schema.sparse[0].rows
+    with BatchCache.from_config(cfg.cache) as cache:
+        for start in range(0, rows, batch_rows):
+            n = min(batch_rows, rows - start)
+            a = generate_arrays(spec, n, start)
+            cols = {"label": pa.array(a.labels)}
+            dense = np.log1p(np.nan_to_num(a.dense, nan=0.0)).astype(np.float32)
+            for j, f in enumerate(cfg.schema.dense):
+                cols[f.name] = pa.array(dense[:, j])
+            for j, f in enumerate(cfg.schema.sparse):
+                cols[f.name] = pa.array(a.ids[:, j] % table_rows)
+                cols[f.name + ".id"] = pa.array(a.ids[:, j])
+            cols["_offset"] = pa.array(np.arange(start, start + n, dtype=np.int64))
+            cols["_event_time_ms"] = pa.array(a.event_time_ms)
+            cache.write(ProcessedBatch("bench", 0, start, start + n, 0, pa.record_batch(cols), (),
+                                       np.empty(0, np.int64), read=n))
+
+
+def measure(cfg, device: str) -> dict:
+    layout = BatchLayout.from_config(cfg)
+    with BatchCache.from_config(cfg.cache, readonly=True) as cache:
+        t0, samples = time.perf_counter(), 0
+        stream = TrainingStream(lambda s, stop: cache.iter_batches(s, stop=stop), layout, cfg.trainer.batch_size,
+                                prefetch_batches=0)
+        for item in stream:
+            samples += item.batch.batch_size
+        load_s = time.perf_counter() - t0
+    summary = ContinuousTrainer(cfg, device=device).run()
+    batches = max(summary["trained_batches"], 1)
+    return {
+        "device": device, "samples_per_s": summary["samples_per_s"], "load_samples_per_s": samples / load_s,
+        "data_wait_fraction": summary["data_wait_fraction"],
+        "step_ms": 1000 * (summary["elapsed_s"] - summary["data_wait_s"]) / batches,
+        "trained_samples": summary["trained_samples"], "auc": summary["auc"],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--table-rows", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = SyntheticSpec(cardinality=args.table_rows)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = synthetic_config_dict(spec, rows=args.table_rows)
+        doc["cache"] = {"path": os.path.join(tmp, "cache")}
+        cfg0 = config_from_dict(doc)
+        fill_cache(cfg0, spec, args.rows)
+        for device in devices:
+            doc["trainer"].update({"checkpoint_dir": os.path.join(tmp, f"ckpt-{device}"), "batch_size": args.batch_size,
+                                   "checkpoint_every_batches": 10**6, "device": device})
+            r = measure(config_from_dict(doc), device)
+            print(f"{device}: {r['samples_per_s']:,.0f} samples/s trained, {r['load_samples_per_s']:,.0f} "
+                  f"samples/s loaded alone, data wait {100 * r['data_wait_fraction']:.1f}%", file=sys.stderr)
+            results.append(r)
+    out = {"results": results, "rows": args.rows, "table_rows": args.table_rows, "threads": args.threads}
+    if args.json:
+        print(orjson.dumps(out).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
