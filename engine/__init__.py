@@ -2,7 +2,25 @@
 plugins, the CLI and the one exception hierarchy (``engine.errors``).
 
 Lower packages (``streams``, ``transforms``, ``storage``, ``trainer``) may import
-``engine.errors`` and ``engine.config`` (both dependency-free); nothing else here.
+``engine.errors`` and ``engine.config`` (both free of heavy dependencies); nothing else
+from here.
 """
 
-__all__ = ["errors", "config"]
+__all__ = [
+    "errors",
+    "config",
+    "logs",
+    "plugins",
+    "pipeline",
+    "cache_sink",
+    "processes",
+    "progress",
+    "lag",
+    "serve",
+    "backfill",
+    "train",
+    "demo",
+    "fit_hash",
+    "refit_loop",
+    "cli",
+]

@@ -2,4 +2,16 @@
 dead letters, id statistics, the embedding row store and checkpoint files.
 Only this package imports ``lmdb``."""
 
-__all__ = ["batch_cache", "dead_letters", "atomic"]
+__all__ = [
+    "batch_cache",
+    "cache_reader",
+    "admission",
+    "retention",
+    "cache_keys",
+    "dead_letters",
+    "lmdb_env",
+    "id_stats",
+    "row_store",
+    "row_store_format",
+    "atomic",
+]

@@ -13,4 +13,5 @@ __all__ = [
     "logfiles",
     "replay",
     "producer",
+    "synthetic",
 ]
