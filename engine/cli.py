@@ -144,12 +144,13 @@ def cmd_cache_dead_letters(args) -> None:
 def cmd_plan(args) -> dict | None:
     from trainer.planner import format_plan, plan_from_config
 
-    device = args.device
-    if device == "auto":
-        from trainer.dist import detect_device_kind
+    cfg = _config(args)
+    if args.device == "auto":  # the plan a train job here would build ([sharding] device)
+        from trainer.distributed_loop import plan_for
 
-        device = detect_device_kind()
-    plan = plan_from_config(_config(args), args.world_size, device)
+        plan = plan_for(cfg, args.world_size)
+    else:
+        plan = plan_from_config(cfg, args.world_size, args.device)
     if args.json:
         return plan.to_dict()
     sys.stdout.write(format_plan(plan) + "\n")
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("plan", cmd_plan, "plan how embedding tables are sharded across devices")
     sp.add_argument("--world-size", type=int, required=True)
     sp.add_argument("--device", choices=["auto", "cpu", "h100", "h200"], default="auto",
-                    help="device kind to plan for (auto: this machine's)")
+                    help="device kind to plan for (auto: [sharding] device, else this machine's)")
 
     add("fit-hash", cmd_fit_hash, "fit learned id -> row mappings from the cache's statistics")
     return p

@@ -49,22 +49,17 @@ def pipeline_main(cfg: HeadraceConfig, stop_path: str) -> None:
 
 
 def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True) -> None:
-    """Child process: the continuous trainer on the cache, until the stop file."""
-    import torch
-
-    from trainer.loop import ContinuousTrainer
-
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    """Child process: the continuous trainer on the cache, until the stop file. Goes through
+    ``engine.train.train`` so a ``[sharding] enabled`` serve writes the same (sharded)
+    checkpoints a later ``torchrun ... train`` resumes from."""
+    from engine.fit_hash import migration_hook
+    from engine.train import train
 
     def report(status: dict) -> None:
         atomic_write_bytes(progress_path, orjson.dumps(status, option=orjson.OPT_SERIALIZE_NUMPY))
 
-    from engine.fit_hash import migration_hook
-
-    trainer = ContinuousTrainer(cfg, cfg.cache.path, follow=follow, stop=StopFile(stop_path), on_progress=report,
-                                on_mapping_change=migration_hook(cfg))
-    summary = trainer.run()
+    summary = train(cfg, follow=follow, stop=StopFile(stop_path), on_progress=report,
+                    on_mapping_change=migration_hook(cfg), handle_signals=False)
     report({**summary, "final": True})
 
 
@@ -149,9 +144,16 @@ def serve(
             start = _status(cache, t0, progress_path)
             last_read, last_t = start.read, t0
             rate = 0.0
+            # Ingest rate over the span in which events were arriving (not startup or idling).
+            first_read_t: float | None = None
+            read_seen, last_change_t = start.read, t0
             while True:
                 status = _status(cache, t0, progress_path, lag.lag)
                 now = time.monotonic()
+                if status.read > read_seen:
+                    if first_read_t is None:
+                        first_read_t = last_change_t
+                    read_seen, last_change_t = status.read, now
                 if now - last_t >= 1.0:
                     rate = (status.read - last_read) / (now - last_t)
                     last_read, last_t = status.read, now
@@ -193,16 +195,18 @@ def serve(
     if trainer is not None and trainer.exitcode != 0:
         raise TrainerError(f"the trainer process exited with code {trainer.exitcode} while stopping")
     elapsed = max(status.elapsed_s, 1e-9)
-    return {
-        "events": status.read,
-        "cached_rows": status.cached_rows,
-        "filtered": status.filtered,
-        "dead_letters": status.dead_letters,
-        "dead_letters_by_reason": cache_stat.get("dead_letters", {}),
-        "trained_samples": status.trained_samples,
+    events = status.read - start.read
+    ingest_s = (last_change_t - first_read_t) if first_read_t is not None else 0.0
+    return {  # this run's figures (the cache may hold earlier runs' too: see cache stat)
+        "events": events,
+        "cached_rows": status.cached_rows - start.cached_rows,
+        "filtered": status.filtered - start.filtered,
+        "dead_letters": status.dead_letters - start.dead_letters,
+        "cache_dead_letters_by_reason": cache_stat.get("dead_letters", {}),
+        "trained_samples": int(status.trainer.get("trained_samples", 0)),
         "auc": status.trainer.get("auc"),
         "logloss": status.trainer.get("logloss"),
-        "events_per_s": status.read / elapsed,
+        "events_per_s": events / ingest_s if ingest_s > 0 else 0.0,
         "lag": status.lag,
         "mapping_refits": [r.get("version") for r in (refit.reports if refit else []) if "version" in r],
         "elapsed_s": elapsed,

@@ -1,28 +1,94 @@
-"""``headrace train``: the trainer alone on an existing cache (``--follow`` keeps waiting)."""
+"""``headrace train``: the trainer alone on an existing cache (``--follow`` keeps waiting).
+
+One plain process trains the configured model (``trainer.loop.ContinuousTrainer``). Under
+``torchrun`` (``WORLD_SIZE`` set), or with ``[sharding] enabled``, every process is one rank
+of a sharded job (``trainer.distributed_loop.DistributedTrainer``): embedding tables placed
+by the planner (``headrace plan`` prints the same plan), dense layers data-parallel, each rank
+training on its slice of every batch read from the same cache. A multi-rank job needs
+``[sharding] enabled = true``.
+
+Example::
+
+    headrace serve -c C --no-train &                      # ingest into the cache
+    torchrun --standalone --nproc-per-node 2 -m engine train -c C --follow --json
+"""
 
 from __future__ import annotations
 
+import os
 import threading
+from typing import Any, Callable
 
 from engine.config import HeadraceConfig
 from engine.processes import install_stop_signals
 
-__all__ = ["train"]
+__all__ = ["train", "launched_by_torchrun"]
 
 
-def train(cfg: HeadraceConfig, *, follow: bool = False, on_progress=None, handle_signals: bool = True) -> dict:
+def launched_by_torchrun() -> bool:
+    """True in a process ``torchrun`` started (it sets ``WORLD_SIZE`` for each rank)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def train(cfg: HeadraceConfig, *, follow: bool = False,
+          on_progress: Callable[[dict[str, Any]], None] | None = None,
+          handle_signals: bool = True, stop: Callable[[], bool] | None = None,
+          on_mapping_change: Callable[..., None] | None = None) -> dict | None:
     """Train from the cache's current position (or the last checkpoint); returns the summary
-    ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM stop it
-    after the current step with a checkpoint."""
-    import torch
+    ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM (with
+    ``handle_signals``) or ``stop()`` turning true stop it after the current step with a
+    checkpoint (under ``torchrun``, signal ``torchrun``: it forwards the signal to every rank
+    and they stop together). ``on_mapping_change``: see ``trainer.loop.MappingChangeHook``.
 
-    from trainer.loop import ContinuousTrainer
+    In a sharded job only rank 0 returns the summary (it adds ``world_size`` and ``plan``) and
+    calls ``on_progress``; the other ranks return None, so the job prints one result."""
+    import torch
 
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
 
-    stop = threading.Event()
+    signalled = threading.Event()
     if handle_signals and threading.current_thread() is threading.main_thread():
-        install_stop_signals(stop.set)
-    trainer = ContinuousTrainer(cfg, cfg.cache.path, follow=follow, stop=stop, on_progress=on_progress)
-    return trainer.run()
+        install_stop_signals(signalled.set)
+    user_stop = stop
+
+    def stopped() -> bool:
+        return signalled.is_set() or (user_stop is not None and user_stop())
+
+    kwargs = dict(follow=follow, stop=stopped, on_progress=on_progress, on_mapping_change=on_mapping_change)
+    if launched_by_torchrun() or cfg.sharding.enabled:
+        return _train_sharded(cfg, **kwargs)
+    from trainer.loop import ContinuousTrainer
+
+    return ContinuousTrainer(cfg, cfg.cache.path, **kwargs).run()
+
+
+def _train_sharded(cfg: HeadraceConfig, **kwargs: Any) -> dict | None:
+    import torch.distributed as dist
+
+    from trainer.dist import init_from_env
+    from trainer.distributed_loop import DistributedTrainer, require_sharding_for
+
+    from engine.errors import ConfigError
+
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; launch with "
+                          "torchrun, which sets it") from None
+    require_sharding_for(cfg, world_size)  # before joining: every rank fails alike, no hang
+    if not cfg.sharding.enabled:
+        # torchrun with one process and sharding off: nothing to distribute.
+        from trainer.loop import ContinuousTrainer
+
+        return ContinuousTrainer(cfg, cfg.cache.path, **kwargs).run()
+    ctx = init_from_env(cfg.trainer.device)
+    if ctx.rank != 0:
+        kwargs["on_progress"] = None
+    try:
+        summary = DistributedTrainer(cfg, cfg.cache.path, ctx=ctx, **kwargs).run()
+    finally:
+        # Also tears down the one-process group build_sharded_embeddings makes without torchrun.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return summary if ctx.rank == 0 else None

@@ -146,10 +146,39 @@ def generate_events(spec: SyntheticSpec, n: int, start: int = 0) -> Iterator[dic
             yield ev
 
 
+@functools.lru_cache(maxsize=4)
+def _sparse_json(spec: SyntheticSpec) -> list[list[str]]:
+    """Per sparse feature, the JSON member text of every id (built once per spec)."""
+    return [[f',"c{j + 1}":"{(i ^ _salt(j)):08x}"' for i in range(spec.cardinality)] for j in range(spec.num_sparse)]
+
+
+def _payload_block(spec: SyntheticSpec, n: int, start: int) -> list[bytes]:
+    """``orjson.dumps`` of ``generate_events`` byte for byte, from precomputed member
+    texts (several times faster than a dict and a dumps per event)."""
+    a = generate_arrays(spec, n, start)
+    sparse = _sparse_json(spec)
+    labels = a.labels.astype(np.int64).tolist()
+    dense = a.dense.tolist()
+    ids = a.ids.tolist()
+    ts = a.event_time_ms.tolist()
+    dense_keys = [f',"i{j + 1}":' for j in range(spec.num_dense)]
+    out = []
+    for r in range(n):
+        parts = [f'{{"label":{labels[r]}']
+        parts += [k + str(int(v)) for k, v in zip(dense_keys, dense[r]) if v == v]  # v != v: NaN = missing
+        parts += [col[i] for col, i in zip(sparse, ids[r])]
+        parts.append(f',"ts":{ts[r]}}}')
+        out.append("".join(parts).encode())
+    return out
+
+
 def generate_payloads(spec: SyntheticSpec, n: int, start: int = 0, bad_fraction: float = 0.0) -> list[bytes]:
-    """Events as JSON bytes; with ``bad_fraction > 0`` a deterministic share of them is
-    replaced by the malformed payloads of ``BAD_PAYLOADS`` (cycled)."""
-    out = [orjson.dumps(ev) for ev in generate_events(spec, n, start)]
+    """Events as JSON bytes, identical to ``orjson.dumps`` of ``generate_events``; with
+    ``bad_fraction > 0`` a deterministic share of them is replaced by the malformed
+    payloads of ``BAD_PAYLOADS`` (cycled)."""
+    out: list[bytes] = []
+    for offset in range(start, start + n, _BLOCK):
+        out.extend(_payload_block(spec, min(_BLOCK, start + n - offset), offset))
     if bad_fraction > 0:
         every = max(int(round(1.0 / bad_fraction)), 1)
         for k, i in enumerate(range(start + every - 1, start + n, every)):

@@ -13,6 +13,14 @@ An embedding collection that keeps rows outside ``nn.Parameter``s (SSD-backed, s
 provides ``checkpoint_state() -> dict`` and ``load_checkpoint_state(dict)``; its entries are
 then left out of the model's state dict and stored from those hooks instead. The hooks must
 return tensors and plain Python values (the file is loaded with ``weights_only=True``).
+
+A sharded model (``trainer.sharded_embedding.ShardedEmbeddingCollection``, trained by
+``trainer.distributed_loop``) is checkpointed by ``ShardedCheckpointManager`` instead: one
+directory ``sharded-<trained_batches:012d>/`` per checkpoint, written by every rank together
+(``trainer.sharded_checkpoint``: each rank's shards, the dense part, a manifest) with the
+cursor, counters, metrics, model shape and optimizer kind in its ``extra``. It loads onto any
+world size or plan. The two kinds never mix in one directory: a manager that finds only the
+other kind raises ``CheckpointError`` instead of silently starting over.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,10 +43,12 @@ from trainer.data import Cursor
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import model_shape
 
-__all__ = ["CheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION"]
+__all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+_SHARDED_NAME = re.compile(r"^sharded-(\d{12})$")
+_SHARDED_TMP = re.compile(r"^\.sharded-(\d{12})\.tmp$")
 # storage.atomic.atomic_write names its temp files ".<name>.<random>.tmp"
 _TMP_GLOB = ".ckpt-*.tmp"
 
@@ -124,6 +135,12 @@ class CheckpointManager:
         directory holds none. Shape and optimizer are checked before anything is modified."""
         path = Path(path) if path is not None else self.latest()
         if path is None:
+            if _sharded_dirs(self.directory):
+                raise CheckpointError(
+                    f"{self.directory} holds sharded checkpoints (sharded-*/) but this trainer writes "
+                    "plain ones; set [sharding] enabled = true to resume them, or point "
+                    "trainer.checkpoint_dir at a new directory"
+                )
             return None
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,21 +154,8 @@ class CheckpointManager:
                 f"checkpoint {path} has format {blob.get('format_version')}, this headrace "
                 f"reads format {FORMAT_VERSION}"
             )
-        if blob["model_shape"] != self.shape:
-            diffs = [
-                f"{k}: checkpoint {blob['model_shape'].get(k)!r} vs config {v!r}"
-                for k, v in self.shape.items() if blob["model_shape"].get(k) != v
-            ]
-            raise CheckpointError(
-                f"checkpoint {path} was trained with a differently shaped model ("
-                + "; ".join(diffs)
-                + "); restore the old config or point trainer.checkpoint_dir at a new directory"
-            )
-        if blob["optimizer_kind"] != self.optimizer_kind:
-            raise CheckpointError(
-                f"checkpoint {path} used optimizer {blob['optimizer_kind']!r}, config says "
-                f"{self.optimizer_kind!r}; keep the optimizer or start a new checkpoint_dir"
-            )
+        _check_compatible(path, blob["model_shape"], blob["optimizer_kind"], self.shape,
+                          self.optimizer_kind)
         embeddings = getattr(model, "embeddings", None)
         own = _has_own_state(embeddings)
         if own != ("embeddings_state" in blob):
@@ -182,3 +186,193 @@ class CheckpointManager:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
         return LoadedCheckpoint(path, Cursor.from_dict(blob["cursor"]), dict(blob["counters"]))
+
+
+def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape: dict,
+                      optimizer_kind: str) -> None:
+    if saved_shape != shape:
+        diffs = [
+            f"{k}: checkpoint {saved_shape.get(k)!r} vs config {v!r}"
+            for k, v in shape.items() if saved_shape.get(k) != v
+        ]
+        raise CheckpointError(
+            f"checkpoint {path} was trained with a differently shaped model ("
+            + "; ".join(diffs)
+            + "); restore the old config or point trainer.checkpoint_dir at a new directory"
+        )
+    if saved_optimizer != optimizer_kind:
+        raise CheckpointError(
+            f"checkpoint {path} used optimizer {saved_optimizer!r}, config says "
+            f"{optimizer_kind!r}; keep the optimizer or start a new checkpoint_dir"
+        )
+
+
+def _sharded_dirs(directory: Path) -> list[Path]:
+    """Complete sharded checkpoints (their manifest exists), oldest first."""
+    from trainer.sharded_checkpoint import MANIFEST
+
+    found = []
+    for p in directory.iterdir():
+        m = _SHARDED_NAME.match(p.name)
+        if m and (p / MANIFEST).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file of ``directory`` and the directory itself (the sharded writer
+    renames its files into place but does not sync them)."""
+    for p in directory.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class ShardedCheckpointManager:
+    """Checkpoints of a sharded DLRM in ``directory``, one ``sharded-<n:012d>/`` directory each.
+
+    Collective: every rank of the job constructs it and calls ``save``/``load`` at the same
+    point with its own model and optimizer (``load`` may run on another world size or plan
+    than the ``save``: shards are reassembled). Rank 0 alone renames, prunes and cleans up.
+
+    Atomicity: every rank writes into ``.sharded-<n>.tmp/``; once all of them wrote and the
+    manifest exists, rank 0 fsyncs the files and renames the directory into place. A crash
+    at any instant leaves the older checkpoints intact; leftovers are removed on the next
+    start. The newest ``keep`` are kept. Not safe for two jobs sharing a directory.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], cfg: HeadraceConfig, *, rank: int,
+                 keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory)
+        self.rank = rank
+        self.keep = keep
+        self.shape = model_shape(cfg)
+        self.optimizer_kind = cfg.trainer.optimizer.value
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.directory}: {exc}; "
+                "set trainer.checkpoint_dir to a writable path"
+            ) from None
+        if rank == 0:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temp directories and directories without a manifest: saves a crash interrupted."""
+        from trainer.sharded_checkpoint import MANIFEST
+
+        for p in self.directory.iterdir():
+            torn = _SHARDED_NAME.match(p.name) and not (p / MANIFEST).exists()
+            if p.is_dir() and (torn or _SHARDED_TMP.match(p.name)):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return _sharded_dirs(self.directory)
+
+    def latest(self) -> Path | None:
+        cps = self.checkpoints()
+        return cps[-1] if cps else None
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cursor: Cursor,
+             metrics: ProgressiveMetrics, counters: dict[str, Any]) -> Path:
+        """Write the checkpoint named by ``counters["trained_batches"]`` (collective; returns
+        on every rank once it is in place). ``metrics`` must be the same on every rank (the
+        distributed loop keeps them so); rank 0's copy is stored."""
+        from trainer.sharded_checkpoint import save_sharded_checkpoint
+
+        n = int(counters["trained_batches"])
+        final = self.directory / f"sharded-{n:012d}"
+        tmp = self.directory / f".sharded-{n:012d}.tmp"
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        _barrier()  # nobody writes into the temp directory before it is fresh
+        extra = {
+            "format_version": FORMAT_VERSION,
+            "model_shape": self.shape,
+            "optimizer_kind": self.optimizer_kind,
+            "created_ms": int(time.time() * 1000),
+            "cursor": cursor.to_dict(),
+            "counters": dict(counters),
+            "metrics": metrics.state_dict(),
+        }
+        try:
+            save_sharded_checkpoint(tmp, model, optimizer, extra)  # barriers: all ranks wrote
+            if self.rank == 0:
+                _fsync_tree(tmp)
+                if final.exists():  # the same count saved again (e.g. a rerun): replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.directory)
+                for old in self.checkpoints()[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write sharded checkpoint {final}: {exc}", retriable=True) from None
+        _barrier()  # every rank returns with the checkpoint in place
+        return final
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             metrics: ProgressiveMetrics, path: str | os.PathLike[str] | None = None
+             ) -> LoadedCheckpoint | None:
+        """Restore the newest checkpoint (or ``path``) into this rank's model, optimizer and
+        metrics (collective); None when there is none. Shape, optimizer kind and format are
+        checked before anything is modified."""
+        from trainer.sharded_checkpoint import load_sharded_checkpoint
+
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            if any(_NAME.match(p.name) for p in self.directory.iterdir()):
+                raise CheckpointError(
+                    f"{self.directory} holds plain checkpoints (ckpt-*.pt) but [sharding] is enabled; "
+                    "disable [sharding] to resume them, or point trainer.checkpoint_dir at a new "
+                    "directory"
+                )
+            return None
+        try:
+            dense = torch.load(path / "dense.pt", map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete the "
+                "directory to resume from the previous one"
+            ) from None
+        extra = dense.get("extra") or {}
+        if extra.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has trainer format {extra.get('format_version')!r}, this "
+                f"headrace reads format {FORMAT_VERSION} (was it written by the trainer?)"
+            )
+        _check_compatible(path, extra["model_shape"], extra["optimizer_kind"], self.shape,
+                          self.optimizer_kind)
+        probe = ProgressiveMetrics(metrics.window_samples, metrics.auc_bins)
+        try:
+            probe.load_state_dict(extra["metrics"])
+        except ValueError as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: {exc}; restore trainer.metrics_window to the checkpoint's "
+                "value or start a new checkpoint_dir"
+            ) from None
+        load_sharded_checkpoint(path, model, optimizer)
+        metrics.load_state_dict(extra["metrics"])
+        return LoadedCheckpoint(path, Cursor.from_dict(extra["cursor"]), dict(extra["counters"]))

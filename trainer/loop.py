@@ -25,11 +25,19 @@ Stopping: ``stop`` is polled between batches and by the cache reader while it wa
 batches (follow mode), so the loop ends within the cache's poll interval; a checkpoint is then
 written. A non-finite loss raises ``TrainerError`` naming the cache seqs of the batch, without
 writing a checkpoint (the last good one stays the newest).
+
+Extension points: ``trainer.distributed_loop.DistributedTrainer`` runs this same loop on every
+rank of a ``torchrun`` job by overriding a few small hooks (``_prepare``, ``_scaled_loss``,
+``_global_scores``, ``_agree_to_stop``, ``_bounded_end_seq``, ``_open_cache``,
+``_checkpoint_manager``, ``_look_ahead``, ``is_main``); their defaults here are the
+single-process behaviour. A hook that returns None from ``_prepare`` skips that training
+batch (its rows count as ``skipped_rows``; only a multi-rank job does that).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import threading
 import time
@@ -113,8 +121,11 @@ class ContinuousTrainer:
             use_sparse_gradients(self.model.embeddings)
         self.optimizer = build_optimizer(cfg.trainer.optimizer, self.model.parameters(),
                                          cfg.trainer.learning_rate)
+        # What the step calls for the forward pass: the model itself here, its DDP wrapper in
+        # the distributed trainer (``self.model`` stays the bare DLRM either way).
+        self.forward_model: nn.Module = self.model
         self.metrics = ProgressiveMetrics(cfg.trainer.metrics_window)
-        self.checkpoints = CheckpointManager(cfg.trainer.checkpoint_dir, cfg, keep=keep_checkpoints)
+        self.checkpoints = self._checkpoint_manager(keep_checkpoints)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # Totals since the first run of this checkpoint lineage.
         self.total_batches = 0
@@ -122,6 +133,44 @@ class ContinuousTrainer:
         self.mapping_version: int | None = None
         self.cursor = Cursor()
         self._ran = False
+
+    # -- hooks (single-process defaults; see trainer.distributed_loop) -------------------
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports progress and registers the cache reader position."""
+        return True
+
+    def _look_ahead(self) -> bool:
+        """Read one batch ahead and hand it to the collection's ``prefetch`` (module docstring)."""
+        return callable(getattr(self.model.embeddings, "prefetch", None))
+
+    def _checkpoint_manager(self, keep: int) -> CheckpointManager:
+        return CheckpointManager(self.cfg.trainer.checkpoint_dir, self.cfg, keep=keep)
+
+    def _prepare(self, item: TrainItem) -> TrainBatch | None:
+        """The batch this process trains on for ``item`` (on the device), or None when every
+        process skips the item (never here)."""
+        return self._to_device(item)
+
+    def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
+        """The loss whose gradient this process back-propagates for a batch of ``global_rows``."""
+        return self.loss_fn(logits, labels)
+
+    def _global_scores(self, logits: torch.Tensor, loss: torch.Tensor, global_rows: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of the whole training batch in row order, its mean loss), both detached."""
+        return logits, loss
+
+    def _agree_to_stop(self, current: TrainItem | None, upcoming: TrainItem | None) -> bool:
+        """Called once per loop turn after reading; True ends the run without training
+        ``current``. Every process of a job must get the same answer."""
+        return self._user_stop()
+
+    def _bounded_end_seq(self, cache: BatchCache) -> int | None:
+        """The last cache seq a bounded (``follow=False``) read may reach; None = wherever the
+        cache ends when the reader gets there."""
+        return None
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -148,7 +197,8 @@ class ContinuousTrainer:
             flush()
         path = self.checkpoints.save(self.model, self.optimizer, cursor=self.cursor,
                                      metrics=self.metrics, counters=self._counters())
-        cache.set_reader_position(READER_NAME, self.cursor.seq)
+        if self.is_main:
+            cache.set_reader_position(READER_NAME, self.cursor.seq)
         return str(path)
 
     def _open_cache(self) -> BatchCache:
@@ -165,17 +215,18 @@ class ContinuousTrainer:
     def _to_device(self, item: TrainItem) -> TrainBatch:
         return item.batch.to(self.device, non_blocking=self.device.type == "cuda")
 
-    def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None
+    def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None, global_rows: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``batch`` (already on the device); returns the (detached) pre-update
-        logits and the loss. ``upcoming`` is handed to the collection's ``prefetch`` right
-        after the forward pass, so its rows/ids travel while this step computes."""
+        logits and the loss of the whole training batch (``_global_scores``). ``upcoming`` is
+        handed to the collection's ``prefetch`` right after the forward pass, so its rows/ids
+        travel while this step computes."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch.dense, batch.sparse)
+        logits = self.forward_model(batch.dense, batch.sparse)
         if upcoming is not None:
             self.model.embeddings.prefetch(upcoming.sparse)
-        loss = self.loss_fn(logits, batch.labels)
+        loss = self._scaled_loss(logits, batch.labels, global_rows)
         loss.backward()
         # Sparse embedding gradients are built by autograd itself, so torch's invariant
         # checks would only cost time; opting out explicitly also silences its warning.
@@ -184,7 +235,7 @@ class ContinuousTrainer:
         sparse_step = getattr(self.model.embeddings, "sparse_step", None)
         if callable(sparse_step):
             sparse_step()
-        return logits.detach(), loss.detach()
+        return self._global_scores(logits.detach(), loss.detach(), global_rows)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -208,8 +259,10 @@ class ContinuousTrainer:
             cache.close()
 
     def _run(self, cache: BatchCache, loaded: LoadedCheckpoint | None) -> dict[str, Any]:
-        cache.set_reader_position(READER_NAME, self.cursor.seq)
+        if self.is_main:
+            cache.set_reader_position(READER_NAME, self.cursor.seq)
         stopping = threading.Event()
+        end_seq = None if self.follow else self._bounded_end_seq(cache)
 
         def stop() -> bool:
             return stopping.is_set() or self._user_stop()
@@ -218,8 +271,11 @@ class ContinuousTrainer:
             # Copying reads (one memcpy of the stored bytes per cached batch): a zero-copy
             # iterator keeps its read transaction open while suspended, i.e. while the
             # prefetch queue is full, which would pin old pages and stall map growth.
-            return cache.iter_batches(start_seq, follow=self.follow, stop=source_stop,
-                                      poll_interval_s=self.poll_interval_s, zero_copy=False)
+            batches = cache.iter_batches(start_seq, follow=self.follow, stop=source_stop,
+                                         poll_interval_s=self.poll_interval_s, zero_copy=False)
+            if end_seq is None:
+                return batches
+            return itertools.takewhile(lambda cb: cb.seq <= end_seq, batches)
 
         stream = TrainingStream(
             open_batches, BatchLayout.from_config(self.cfg), self.cfg.trainer.batch_size,
@@ -248,7 +304,7 @@ class ContinuousTrainer:
                 self.metrics.update(logits, done.batch.labels)
             pending.clear()
 
-        run_batches = run_samples = skipped = 0
+        run_batches = run_samples = skipped = skipped_rows = 0
         since_save = 0
         last_checkpoint: str | None = None
         data_wait_s = 0.0
@@ -256,15 +312,14 @@ class ContinuousTrainer:
         t0 = time.perf_counter()
         last_progress_t, last_progress_samples = t0, 0
         it = iter(stream)
-        # See the module docstring: a prefetching collection makes the loop read one ahead.
-        look_ahead = callable(getattr(self.model.embeddings, "prefetch", None))
+        look_ahead = self._look_ahead()
 
-        def fetch() -> tuple[TrainItem, TrainBatch] | None:
+        def fetch() -> tuple[TrainItem, TrainBatch | None] | None:
             nonlocal data_wait_s
             w0 = time.perf_counter()
             nxt = next(it, None)
             data_wait_s += time.perf_counter() - w0
-            return None if nxt is None else (nxt, self._to_device(nxt))
+            return None if nxt is None else (nxt, self._prepare(nxt))
 
         try:
             current = None
@@ -272,20 +327,28 @@ class ContinuousTrainer:
                 if self.max_batches is not None and run_batches >= self.max_batches:
                     reason = StopReason.MAX_BATCHES
                     break
-                if self._user_stop():
+                # A stop seen before a read skips the read (it could wait for new batches).
+                if current is None and not self._user_stop():
+                    current = fetch()
+                upcoming = fetch() if look_ahead and current is not None and not self._user_stop() \
+                    else None
+                if self._agree_to_stop(None if current is None else current[0],
+                                       None if upcoming is None else upcoming[0]):
+                    # Batches read but not trained stay unread: resume reads them again.
                     reason = StopReason.STOPPED
                     break
                 if current is None:
-                    current = fetch()
-                    if current is None:
-                        reason = StopReason.STOPPED if self._user_stop() else StopReason.END_OF_CACHE
-                        break
-                upcoming = fetch() if look_ahead else None
-                if self._user_stop():
-                    # A stop that arrived while waiting: this batch stays unread (resume reads it).
-                    reason = StopReason.STOPPED
+                    reason = StopReason.END_OF_CACHE
                     break
                 item, batch = current
+                current = upcoming
+                n = item.batch.batch_size
+                skipped += item.skipped_batches
+                if batch is None:
+                    # Every process skips it alike (see _prepare); its rows count as read.
+                    self.cursor = item.cursor
+                    skipped_rows += n
+                    continue
                 version = item.mapping_version
                 if self.mapping_version is not None and version != self.mapping_version:
                     if self.on_mapping_change is not None:
@@ -294,13 +357,10 @@ class ContinuousTrainer:
                 # No prefetch across a mapping change: the hook may move rows in between.
                 ahead = upcoming[1] if upcoming is not None and \
                     upcoming[0].mapping_version == version else None
-                logits, loss = self._train_step(batch, ahead)
-                current = upcoming
+                logits, loss = self._train_step(batch, ahead, n)
                 pending.append((item, logits, loss))
                 self.mapping_version = version
                 self.cursor = item.cursor
-                n = item.batch.batch_size
-                skipped += item.skipped_batches
                 run_batches += 1
                 run_samples += n
                 self.total_batches += 1
@@ -312,16 +372,14 @@ class ContinuousTrainer:
                     drain()
                     last_checkpoint = self._save(cache)
                     since_save = 0
-                if self.on_progress is not None and run_batches % self.progress_every_batches == 0:
+                if self.on_progress is not None and self.is_main and \
+                        run_batches % self.progress_every_batches == 0:
                     drain()
                     now = time.perf_counter()
                     self.on_progress(self._progress(
                         run_samples, now - t0, (run_samples - last_progress_samples)
                         / max(now - last_progress_t, 1e-9), data_wait_s))
                     last_progress_t, last_progress_samples = now, run_samples
-                if look_ahead and current is None:
-                    reason = StopReason.STOPPED if self._user_stop() else StopReason.END_OF_CACHE
-                    break
         finally:
             stopping.set()
             stream.close()
@@ -335,6 +393,7 @@ class ContinuousTrainer:
             "trained_batches": run_batches,
             "stop_reason": reason.value,
             "skipped_cache_batches": skipped,
+            "skipped_rows": skipped_rows,
             "device": str(self.device),
             "resumed_from": None if loaded is None else str(loaded.path),
             "checkpoint": last_checkpoint,

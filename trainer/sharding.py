@@ -103,8 +103,10 @@ def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
         mp = {id(p) for p in sharded.model_parallel_parameters()}
         ignore = {name for name, p in model.named_parameters() if id(p) in mp}
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # No device_ids even on CUDA: inputs are already on the device, and with device_ids DDP
+    # rebuilds every dict argument on the way in, so the sparse dict would no longer be the
+    # object handed to prefetch() (ShardedEmbeddingCollection checks that identity).
+    return nn.parallel.DistributedDataParallel(model, device_ids=None)
 
 
 def local_slice(batch: TrainBatch, start: int, end: int) -> TrainBatch:

@@ -13,6 +13,7 @@ import orjson
 import pyarrow as pa
 
 from engine.config import config_from_dict
+from engine.errors import CacheError
 from storage.batch_cache import BatchCache
 from streams.synthetic import SyntheticSpec, synthetic_config_dict
 
@@ -77,10 +78,17 @@ def start_headrace(*args: str, log_path: Path) -> subprocess.Popen:
 
 
 def cache_counts(cache_path: str | Path) -> dict:
+    """The cache's counters; zeros while the service has not initialised it yet."""
+    empty = {"read": 0, "cached_rows": 0, "filtered": 0, "dead_letters": 0}
     if not Path(cache_path).exists():
-        return {"read": 0, "cached_rows": 0, "filtered": 0, "dead_letters": 0}
-    with BatchCache(str(cache_path), readonly=True) as cache:
-        return cache.counts()
+        return empty
+    try:
+        with BatchCache(str(cache_path), readonly=True) as cache:
+            return cache.counts()
+    except CacheError as exc:
+        if exc.retriable:  # the directory exists but the writer has not created the cache yet
+            return empty
+        raise
 
 
 def wait_until(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log_path: Path | None = None):
