@@ -77,14 +77,16 @@ def run_baseline(bootstrap: str, topic: str, events: int, workdir: str, batch: i
     return events / wall, events / cpu
 
 
-def _config(bootstrap: str, topic: str, client: str, cache_path: str):
+def _config(bootstrap: str, topic: str, client: str, cache_path: str, id_stats: bool = True):
     doc = synthetic_config_dict(SyntheticSpec(), rows=100_000)
     doc["source"] = {"bootstrap": bootstrap, "topics": [topic], "client": client, "max_batch_records": 4096}
     doc["cache"] = {"path": cache_path}
+    doc["hash"] = {"stats_enabled": id_stats}
     return config_from_dict(doc)
 
 
-def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: str) -> tuple[float, float, dict]:
+def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: str,
+                 id_stats: bool = True) -> tuple[float, float, dict]:
     from engine.backfill import KafkaRange, backfill_pipeline_main
     from storage.batch_cache import BatchCache
 
@@ -92,7 +94,7 @@ def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: 
     # not per event; the timed run below measures the steady state of a long-lived service.
     warm = _config(bootstrap, topic, client, os.path.join(workdir, "warmup"))
     backfill_pipeline_main(warm, None, KafkaRange(topic, start_offset=0, end_offset=min(events, 8192)))
-    cfg = _config(bootstrap, topic, client, os.path.join(workdir, "cache"))
+    cfg = _config(bootstrap, topic, client, os.path.join(workdir, f"cache-{id_stats}"), id_stats)
     t0, c0 = time.perf_counter(), _cpu_s()
     backfill_pipeline_main(cfg, None, KafkaRange(topic, start_offset=0, end_offset=events))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
@@ -125,10 +127,16 @@ def main(argv=None) -> int:
         ours_wall, ours_cpu, counts = run_headrace(broker.bootstrap, topic, args.events, workdir, args.client)
         print(f"headrace : {ours_wall:,.0f} events/s wall, {ours_cpu:,.0f} events/cpu-s "
               f"(cached {counts['cached_rows']:,})", file=sys.stderr)
+        # The same pipeline without the id statistics kept for learned hashing ([hash] stats_enabled).
+        bare_wall, bare_cpu, _ = run_headrace(broker.bootstrap, topic, args.events, workdir, args.client, False)
+        print(f"headrace without id stats: {bare_wall:,.0f} events/s wall, {bare_cpu:,.0f} events/cpu-s",
+              file=sys.stderr)
     result = {
         "events_per_s": ours_wall, "baseline_events_per_s": base_wall, "ratio": ours_wall / base_wall,
         "events_per_cpu_s": ours_cpu, "baseline_events_per_cpu_s": base_cpu, "events": args.events,
         "client": args.client,
+        "no_id_stats_events_per_s": bare_wall, "no_id_stats_events_per_cpu_s": bare_cpu,
+        "cpu_ratio": ours_cpu / base_cpu,
     }
     if args.json:
         print(orjson.dumps(result).decode())
