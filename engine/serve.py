@@ -104,6 +104,8 @@ def _describe(s: ServeStatus, rate: float) -> str:
             parts.append(f"AUC {s.trainer['auc']:.3f}")
         if s.trainer.get("logloss") is not None:
             parts.append(f"logloss {s.trainer['logloss']:.4f}")
+        if s.trainer.get("mapping_version"):
+            parts.append(f"mapping v{s.trainer['mapping_version']}")
     return "serve: " + " | ".join(parts)
 
 
@@ -208,6 +210,7 @@ def serve(
         "logloss": status.trainer.get("logloss"),
         "events_per_s": events / ingest_s if ingest_s > 0 else 0.0,
         "lag": status.lag,
+        "mapping_version": status.trainer.get("mapping_version"),
         "mapping_refits": [r.get("version") for r in (refit.reports if refit else []) if "version" in r],
         "elapsed_s": elapsed,
     }

@@ -38,7 +38,8 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
     ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM (with
     ``handle_signals``) or ``stop()`` turning true stop it after the current step with a
     checkpoint (under ``torchrun``, signal ``torchrun``: it forwards the signal to every rank
-    and they stop together). ``on_mapping_change``: see ``trainer.loop.MappingChangeHook``.
+    and they stop together). ``on_mapping_change``: see ``trainer.loop.MappingChangeHook``
+    (default: migrate rows with ``engine.fit_hash.migration_hook``).
 
     In a sharded job only rank 0 returns the summary (it adds ``world_size`` and ``plan``) and
     calls ``on_progress``; the other ranks return None, so the job prints one result."""
@@ -55,6 +56,12 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
     def stopped() -> bool:
         return signalled.is_set() or (user_stop is not None and user_stop())
 
+    if on_mapping_change is None:
+        # Crossing a mapping version without migrating rows would read new rows with old
+        # embeddings; the default hook migrates them (engine.fit_hash.migration_hook).
+        from engine.fit_hash import migration_hook
+
+        on_mapping_change = migration_hook(cfg)
     kwargs = dict(follow=follow, stop=stopped, on_progress=on_progress, on_mapping_change=on_mapping_change)
     if launched_by_torchrun() or cfg.sharding.enabled:
         return _train_sharded(cfg, **kwargs)
