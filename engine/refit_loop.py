@@ -43,8 +43,11 @@ class RefitThread(threading.Thread):
                 report = self.scheduler.maybe_refit()
             except HeadraceError as exc:
                 # A failed fit keeps the current mapping; the service goes on, the error is kept.
-                log.error("hash re-fit failed: %s", exc)
-                self.error = exc
+                if exc.retriable:  # e.g. no statistics written yet: the next period tries again
+                    log.warning("hash re-fit postponed: %s", exc)
+                else:
+                    log.error("hash re-fit failed: %s", exc)
+                    self.error = exc
                 continue
             if report is not None:
                 self.reports.append(report)
