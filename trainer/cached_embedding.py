@@ -52,7 +52,7 @@ from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
 from engine.errors import CheckpointError, TrainerError
 from storage.row_store import RowStore, RowTableSpec
 from trainer.batch import Jagged
-from trainer.embedding import TableSpec, init_rows
+from trainer.embedding import TableSpec, init_rows, shared_dim
 from trainer.prefetch import RowPrefetcher
 from trainer.row_cache_policy import make_policy
 from trainer.row_optim import apply_row_update_, state_dim_of
@@ -133,11 +133,7 @@ class CachedEmbeddingBagCollection(nn.Module):
                  learning_rate: float = 0.05, eps: float = 1e-8,
                  device: torch.device | str = "cpu", prefetch: bool = True):
         super().__init__()
-        if not tables:
-            raise ValueError("an embedding collection needs at least one table")
-        dims = {t.dim for t in tables}
-        if len(dims) != 1:
-            raise ValueError(f"all tables must share one dim for the dot interaction, got {sorted(dims)}")
+        shared_dim(tables)
         state_dim = state_dim_of(optimizer)
         for t in tables:
             stored = store.tables.get(t.name)

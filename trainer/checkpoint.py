@@ -65,24 +65,29 @@ def _has_own_state(embeddings: nn.Module | None) -> bool:
         and hasattr(embeddings, "load_checkpoint_state")
 
 
+def _init_checkpoint_dir(manager, directory: str | os.PathLike[str], cfg: HeadraceConfig, keep: int) -> None:
+    """Fields every checkpoint manager has; creates the directory."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    manager.directory = Path(directory)
+    manager.keep = keep
+    manager.shape = model_shape(cfg)
+    manager.optimizer_kind = cfg.trainer.optimizer.value
+    try:
+        manager.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create checkpoint directory {manager.directory}: {exc}; "
+            "set trainer.checkpoint_dir to a writable path"
+        ) from None
+
+
 class CheckpointManager:
     """Saves and restores checkpoints of one training run in ``directory`` (created if
     missing). Not safe for two trainers sharing a directory."""
 
     def __init__(self, directory: str | os.PathLike[str], cfg: HeadraceConfig, *, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = Path(directory)
-        self.keep = keep
-        self.shape = model_shape(cfg)
-        self.optimizer_kind = cfg.trainer.optimizer.value
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc}; "
-                "set trainer.checkpoint_dir to a writable path"
-            ) from None
+        _init_checkpoint_dir(self, directory, cfg, keep)
         for stale in self.directory.glob(_TMP_GLOB):
             stale.unlink(missing_ok=True)  # leftovers of a crash mid-write
 
@@ -262,20 +267,8 @@ class ShardedCheckpointManager:
 
     def __init__(self, directory: str | os.PathLike[str], cfg: HeadraceConfig, *, rank: int,
                  keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = Path(directory)
+        _init_checkpoint_dir(self, directory, cfg, keep)
         self.rank = rank
-        self.keep = keep
-        self.shape = model_shape(cfg)
-        self.optimizer_kind = cfg.trainer.optimizer.value
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc}; "
-                "set trainer.checkpoint_dir to a writable path"
-            ) from None
         if rank == 0:
             self._remove_leftovers()
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from trainer.batch import Jagged
 
-__all__ = ["TableSpec", "EmbeddingBagCollection"]
+__all__ = ["TableSpec", "EmbeddingBagCollection", "shared_dim", "init_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +36,7 @@ class EmbeddingBagCollection(nn.Module):
 
     def __init__(self, tables: list[TableSpec] | tuple[TableSpec, ...], seed: int = 0):
         super().__init__()
-        if not tables:
-            raise ValueError("an embedding collection needs at least one table")
-        dims = {t.dim for t in tables}
-        if len(dims) != 1:
-            raise ValueError(f"all tables must share one dim for the dot interaction, got {sorted(dims)}")
+        shared_dim(tables)
         self.tables = tuple(tables)
         self.feature_names = tuple(t.name for t in tables)
         self.dim = tables[0].dim
@@ -59,6 +55,17 @@ class EmbeddingBagCollection(nn.Module):
                 self.bags[name](j.values, j.offsets[:-1], per_sample_weights=j.weights)
             )
         return torch.stack(pooled, dim=1)
+
+
+def shared_dim(tables, error: type[Exception] = ValueError) -> int:
+    """The one embedding dim of ``tables`` (the dot interaction needs one); ``error`` if
+    there are no tables or their dims differ."""
+    if not tables:
+        raise error("an embedding collection needs at least one table")
+    dims = {t.dim for t in tables}
+    if len(dims) != 1:
+        raise error(f"all tables must share one dim for the dot interaction, got {sorted(dims)}")
+    return dims.pop()
 
 
 def init_rows(table: TableSpec, rows: torch.Tensor, seed: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ from engine.config.sharding import CommPrecision, ShardingType
 from engine.errors import TrainerError
 from trainer.batch import Jagged
 from trainer.comm import IdExchange, pooled_all_to_all
-from trainer.embedding import TableSpec, init_rows
+from trainer.embedding import TableSpec, init_rows, shared_dim
 from trainer.planner import Placement, Plan, ShardPlan, TablePlan
 
 __all__ = ["ShardedEmbeddingCollection", "shard_key"]
@@ -72,11 +72,7 @@ class ShardedEmbeddingCollection(nn.Module):
                  sparse_gradients: bool = False,
                  cached_factory: Callable[[TableSpec], nn.Module] | None = None):
         super().__init__()
-        if not tables:
-            raise TrainerError("a sharded embedding collection needs at least one table")
-        dims = {t.dim for t in tables}
-        if len(dims) != 1:
-            raise TrainerError(f"all tables must share one dim for the dot interaction, got {sorted(dims)}")
+        shared_dim(tables, TrainerError)
         by_name = {t.name: t for t in tables}
         if set(by_name) != {t.name for t in plan.tables}:
             raise TrainerError(f"plan tables {sorted(t.name for t in plan.tables)} != collection tables "
