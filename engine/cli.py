@@ -164,7 +164,11 @@ def cmd_fit_hash(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headrace", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="headrace",
+        description="Streaming data plane and online trainer for deep recommendation models: "
+                    "Kafka -> Beam -> Arrow batches in LMDB -> continuous DLRM training.",
+        epilog="Summarising commands print one JSON object as their last line with --json.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
