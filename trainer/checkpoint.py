@@ -82,6 +82,19 @@ def _init_checkpoint_dir(manager, directory: str | os.PathLike[str], cfg: Headra
         ) from None
 
 
+def _run_state(manager, cursor: Cursor, counters, metrics: ProgressiveMetrics) -> dict[str, Any]:
+    """What every checkpoint records besides parameters: format, shape, position, metrics."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_shape": manager.shape,
+        "optimizer_kind": manager.optimizer_kind,
+        "created_ms": int(time.time() * 1000),
+        "cursor": cursor.to_dict(),
+        "counters": dict(counters),
+        "metrics": metrics.state_dict(),
+    }
+
+
 class CheckpointManager:
     """Saves and restores checkpoints of one training run in ``directory`` (created if
     missing). Not safe for two trainers sharing a directory."""
@@ -110,16 +123,8 @@ class CheckpointManager:
         The caller flushes embedding collections first (see the loop)."""
         embeddings = getattr(model, "embeddings", None)
         state = model.state_dict()
-        blob: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "model_shape": self.shape,
-            "optimizer_kind": self.optimizer_kind,
-            "created_ms": int(time.time() * 1000),
-            "cursor": cursor.to_dict(),
-            "counters": dict(counters),
-            "metrics": metrics.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        }
+        blob: dict[str, Any] = {**_run_state(self, cursor, counters, metrics),
+                                 "optimizer": optimizer.state_dict()}
         if _has_own_state(embeddings):
             state = {k: v for k, v in state.items() if not k.startswith("embeddings.")}
             blob["embeddings_state"] = embeddings.checkpoint_state()
@@ -302,15 +307,7 @@ class ShardedCheckpointManager:
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()  # nobody writes into the temp directory before it is fresh
-        extra = {
-            "format_version": FORMAT_VERSION,
-            "model_shape": self.shape,
-            "optimizer_kind": self.optimizer_kind,
-            "created_ms": int(time.time() * 1000),
-            "cursor": cursor.to_dict(),
-            "counters": dict(counters),
-            "metrics": metrics.state_dict(),
-        }
+        extra = _run_state(self, cursor, counters, metrics)
         try:
             save_sharded_checkpoint(tmp, model, optimizer, extra)  # barriers: all ranks wrote
             if self.rank == 0:
