@@ -42,13 +42,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import config_from_dict, load_config  # noqa: E402
-from engine.errors import HeadraceError  # noqa: E402
+from engine.errors import ConfigError  # noqa: E402
 from trainer.batch import Jagged  # noqa: E402
 from trainer.metrics import exact_auc  # noqa: E402
 from trainer.model import DLRM  # noqa: E402
 from trainer.optim import build_optimizer, use_sparse_gradients  # noqa: E402
 from transforms.hash_fit import (  # noqa: E402
-    IdStats, LearnedFitParams, embedding_vectors, fit_frequency, fit_learned,
+    IdStats,
+    LearnedFitParams,
+    embedding_vectors,
+    fit_frequency,
+    fit_learned,
 )
 from transforms.mappers import DoubleHashMapper, IdMapper, ModuloMapper  # noqa: E402
 
@@ -94,7 +98,7 @@ def log_stream(path: str, cfg_path: str, limit: int) -> Stream:
     cfg = load_config(cfg_path)
     multi = [s.name for s in cfg.schema.sparse if s.multi]
     if multi:
-        raise HeadraceError(f"hash_quality: multi-valued features {multi} are not supported by this benchmark; "
+        raise ConfigError(f"hash_quality: multi-valued features {multi} are not supported by this benchmark; "
                             "drop them from the config's schema")
     spec = TransformSpec.from_config(cfg)
     mappings = MappingSet.default(cfg.schema)
@@ -126,7 +130,7 @@ def log_stream(path: str, cfg_path: str, limit: int) -> Stream:
                 break
     flush()
     if not parts:
-        raise HeadraceError(f"hash_quality: {path} holds no decodable events")
+        raise ConfigError(f"hash_quality: {path} holds no decodable events")
     print(f"decoded {sum(p[2].size for p in parts):,} events from {path} ({dead:,} dead letters skipped)",
           file=sys.stderr)
     dense = np.concatenate([p[0] for p in parts]).astype(np.float32)
@@ -153,7 +157,7 @@ def train_online(stream: Stream, mappers: dict[str, IdMapper], dim: int, batch: 
     torch.manual_seed(seed)
     model = DLRM.from_config(cfg)
     use_sparse_gradients(model)
-    opt = build_optimizer(cfg.trainer.optimizer, model.parameters(), cfg.trainer.learning_rate)
+    opt = build_optimizer(cfg.trainer.dense_optimizer_kind, model.parameters(), cfg.trainer.dense_lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rows = {}
     for j, f in enumerate(stream.features):
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             source = {"synthetic": {"events": args.events, "cardinality": args.cardinality, "sparse": args.sparse}}
         t0 = time.perf_counter()
         result = run(stream, compressions, mappers, args.dim, args.batch, args.fit_fraction, args.seed)
-    except HeadraceError as exc:
+    except ConfigError as exc:
         print(f"hash_quality: {exc}", file=sys.stderr)
         return 2
     result["ordering"] = ordering(result["rows"], compressions)

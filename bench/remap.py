@@ -33,7 +33,6 @@ from transforms.hash_fit import IdStats, fit_learned  # noqa: E402
 from transforms.learned_hash import LearnedMapper  # noqa: E402
 from transforms.mappers import ModuloMapper  # noqa: E402
 
-
 __all__ = ["main", "numpy_remap"]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.config.row_cache import RowCachePolicy, RowOptimizerKind  # noqa: E402
+from engine.config import RowCachePolicy, RowOptimizerKind  # noqa: E402
 from trainer.batch import Jagged  # noqa: E402
 from trainer.cached_embedding import CachedEmbeddingBagCollection, open_row_store  # noqa: E402
 from trainer.embedding import EmbeddingBagCollection, TableSpec  # noqa: E402

@@ -1,7 +1,9 @@
 """Samples/s of sharded DLRM training on 1, 2 and 4 gloo ranks (and on the GPU when one is
-present), next to a plain single-process ``nn.EmbeddingBag`` DLRM measured in the same run.
+present), next to the plain single-process DLRM (every table in one fused collection, the
+same sparse optimizer) measured in the same run.
 
-    python bench/sharded_train.py [--ranks 1,2,4] [--sharding auto,row_wise] [--steps 20] [--json]
+    python bench/sharded_train.py [--ranks 1,2,4] [--sharding auto,row_wise] [--steps 20]
+                                  [--sparse-optimizer rowwise_adagrad] [--json]
 
 Each configuration trains the same synthetic global batches; every rank trains on its
 ``batch / ranks`` slice. Time is measured on rank 0 between two barriers after ``--warmup``
@@ -26,11 +28,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.config import config_from_dict  # noqa: E402
-from engine.config.sharding import ShardingType  # noqa: E402
+from engine.config import (  # noqa: E402
+    ShardingType,
+    config_from_dict,
+)
 from trainer.batch import Jagged, TrainBatch  # noqa: E402
-from trainer.model import DLRM  # noqa: E402
-from trainer.optim import use_sparse_gradients  # noqa: E402
+from trainer.config import SparseOptimizerKind  # noqa: E402
+from trainer.embedding import capabilities_of  # noqa: E402
+from trainer.model import DLRM, fused_embeddings_from_config  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
 
 __all__ = ["main"]
 
@@ -42,7 +48,8 @@ def make_cfg(args, sharding: str):
                    "sparse": [{"name": f"t{i}", "rows": args.rows, "multi": True, "max_values": 8}
                               for i in range(args.tables)]},
         "trainer": {"embedding_dim": args.dim, "bottom_mlp": [64, args.dim], "top_mlp": [64, 32],
-                    "batch_size": args.batch_size, "optimizer": "adagrad", "learning_rate": 0.05},
+                    "batch_size": args.batch_size, "sparse_optimizer": args.sparse_optimizer,
+                    "dense_optimizer": "adagrad", "learning_rate": 0.05},
         "sharding": {"enabled": True, "device": "cpu", "tables": forced, "data_parallel_max_bytes": 0},
     })
 
@@ -63,8 +70,10 @@ def make_batches(args, n: int) -> list[TrainBatch]:
     return out
 
 
-def _train(model, opt, batches, warmup: int, sync) -> float:
+def _train(model, emb, opt, batches, warmup: int, sync) -> float:
+    """The continuous trainer's step: forward, backward, dense optimizer, sparse step."""
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    sparse_step = capabilities_of(emb).sparse_step
     for i, b in enumerate(batches):
         if i == warmup:
             sync()
@@ -72,20 +81,26 @@ def _train(model, opt, batches, warmup: int, sync) -> float:
         opt.zero_grad()
         loss_fn(model(b.dense, b.sparse), b.labels).backward()
         opt.step()
+        if sparse_step:
+            emb.sparse_step()
     sync()
     return time.perf_counter() - start
 
 
+def _dense_optimizer(cfg, model):
+    return build_optimizer(cfg.trainer.dense_optimizer_kind, model.parameters(), cfg.trainer.dense_lr)
+
+
 def baseline(args, device: str) -> float:
-    """The plain model as the continuous trainer runs it: one process, every table an
-    ``nn.EmbeddingBag`` with sparse gradients (trainer.optim.use_sparse_gradients)."""
+    """The plain model as the continuous trainer runs it: one process, every table in one
+    ``FusedEmbeddingBagCollection`` trained by the sparse optimizer."""
     cfg = make_cfg(args, "auto")
-    model = DLRM.from_config(cfg).to(device)
-    use_sparse_gradients(model.embeddings)
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    emb = fused_embeddings_from_config(cfg, device)
+    model = DLRM.from_config(cfg, emb).to(device)
+    opt = _dense_optimizer(cfg, model)
     batches = [b.to(device) for b in make_batches(args, args.warmup + args.steps)]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return args.steps * args.batch_size / _train(model, opt, batches, args.warmup, sync)
+    return args.steps * args.batch_size / _train(model, emb, opt, batches, args.warmup, sync)
 
 
 def _worker(rank: int, world: int, init: str, out: str, args, sharding: str, device: str) -> None:
@@ -96,14 +111,13 @@ def _worker(rank: int, world: int, init: str, out: str, args, sharding: str, dev
     from trainer.sharding import build_sharded_embeddings, local_slice, wrap_data_parallel
 
     torch.set_num_threads(args.threads)
-    torch.sparse.check_sparse_tensor_invariants.disable()
     ctx = init_process_group(rank, world, "file://" + init, device=device, timeout_s=300)
     try:
         cfg = make_cfg(args, sharding)
         plan = plan_from_config(cfg, world, "cpu" if device == "cpu" else "h100")
         emb = build_sharded_embeddings(cfg, plan, ctx)
         model = wrap_data_parallel(DLRM.from_config(cfg, embeddings=emb).to(ctx.device), ctx)
-        opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+        opt = _dense_optimizer(cfg, model)
         lo, hi = ctx.slice_of(args.batch_size)
         batches = [local_slice(b, lo, hi).to(ctx.device) for b in make_batches(args, args.warmup + args.steps)]
 
@@ -112,7 +126,7 @@ def _worker(rank: int, world: int, init: str, out: str, args, sharding: str, dev
                 torch.cuda.synchronize()
             dist.barrier()
 
-        elapsed = _train(model, opt, batches, args.warmup, sync)
+        elapsed = _train(model, emb, opt, batches, args.warmup, sync)
         if rank == 0:
             with open(out, "w") as fh:
                 json.dump({"elapsed_s": elapsed, "layout": {t.name: t.sharding.value for t in plan.tables}}, fh)
@@ -140,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--pooling", type=int, default=4, help="mean ids per sample per table")
+    p.add_argument("--sparse-optimizer", default=SparseOptimizerKind.ROWWISE_ADAGRAD.value,
+                   choices=[k.value for k in SparseOptimizerKind],
+                   help="the embeddings' optimizer, plain and sharded alike")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -149,8 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU measurement even if CUDA is present")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    # our sparse gradients are built by torch itself; skip its per-tensor invariant checks
-    torch.sparse.check_sparse_tensor_invariants.disable()
     ranks = [int(r) for r in args.ranks.split(",")]
     shardings = args.sharding.split(",")
     for s in shardings:
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     base = baseline(args, "cpu")
-    print(f"baseline (plain nn.EmbeddingBag DLRM, 1 process, cpu): {base:,.0f} samples/s", file=sys.stderr)
+    print(f"baseline (plain fused DLRM, 1 process, cpu): {base:,.0f} samples/s", file=sys.stderr)
     results = []
     for sharding in shardings:
         for world in ranks:
@@ -181,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         r["ratio_to_baseline"] = r["samples_per_s"] / mean_base
     summary = {"results": results, "baseline_samples_per_s": mean_base,
                "baseline_runs_samples_per_s": [base, base_after],
-               "config": {k: getattr(args, k) for k in ("tables", "rows", "dim", "pooling", "batch_size", "steps")}}
+               "config": {k: getattr(args, k) for k in ("tables", "rows", "dim", "pooling", "batch_size", "steps",
+                                                        "sparse_optimizer")}}
     if torch.cuda.is_available() and not args.no_gpu:
         gbase = baseline(args, "cuda")
         sps, layout = sharded(args, 1, shardings[0], "cuda")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import orjson
 
 from engine.config import HeadraceConfig, load_config
-from engine.errors import ConfigError, HeadraceError
+from engine.errors import HEADRACE_ERRORS, ConfigError, exit_code_of
 from engine.logs import configure_logging
 
 __all__ = ["main", "build_parser"]
@@ -81,8 +81,8 @@ def cmd_backfill(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from engine.train import train
     from engine.progress import ProgressLine
+    from engine.train import train
 
     line = ProgressLine()
 
@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level)
     try:
         result: Any = args.fn(args)
-    except HeadraceError as exc:
+    except HEADRACE_ERRORS as exc:
         kind = "retriable " if exc.retriable else ""
         sys.stderr.write(f"headrace: {kind}error: {exc}\n")
-        return exc.exit_code
+        return exit_code_of(exc)
     except KeyboardInterrupt:
         sys.stderr.write("headrace: interrupted\n")
         return _EXIT_INTERRUPTED

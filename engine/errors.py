@@ -1,92 +1,63 @@
-"""The one exception hierarchy of headrace.
+"""Every error headrace raises on purpose, and the one place that maps them to exit codes.
 
-Every error carries ``retriable``: True when the same call may succeed later without a
+Each package declares its own errors next to its code (``streams.errors``,
+``transforms.errors``, ``storage.errors``, ``trainer.errors``); ``engine`` adds
+``ConfigError`` for the TOML file and the CLI, and maps each class to an exit code here.
+Every class carries ``retriable``: True when the same call may succeed later without a
 change by the user (a broker not reachable yet, a full map being grown), False when
-something must change first (bad config, corrupt file). The CLI maps the classes to
-exit codes in one place (``engine.cli``).
+something must change first (bad config, corrupt file).
 """
 
 from __future__ import annotations
 
+from storage.errors import CacheError, CheckpointError, StorageError
+from streams.errors import BrokerError, SourceConfigError, SourceError
+from trainer.errors import PlanError, TrainerConfigError, TrainerError
+from transforms.errors import MappingError, PluginError, TransformConfigError, TransformError
+
 __all__ = [
-    "HeadraceError",
-    "ConfigError",
-    "PluginError",
-    "SourceError",
-    "BrokerError",
-    "DecodeError",
-    "CacheError",
-    "CheckpointError",
-    "TrainerError",
-    "PlanError",
-    "MappingError",
+    "ConfigError", "HEADRACE_ERRORS", "exit_code_of",
+    "SourceError", "BrokerError", "SourceConfigError",
+    "TransformError", "TransformConfigError", "MappingError", "PluginError",
+    "StorageError", "CacheError", "CheckpointError",
+    "TrainerError", "TrainerConfigError", "PlanError",
 ]
 
 
-class HeadraceError(Exception):
-    """Base of every error headrace raises on purpose."""
-
-    retriable: bool = False
-    exit_code: int = 1
-
-    def __init__(self, message: str, *, retriable: bool | None = None):
-        super().__init__(message)
-        if retriable is not None:
-            self.retriable = retriable
-
-
-class ConfigError(HeadraceError):
+class ConfigError(Exception):
     """Config file or CLI arguments are invalid; the message names the key and the file."""
 
-    exit_code = 2
+    retriable = False
 
 
-class PluginError(HeadraceError):
-    """A user transform named in config cannot be loaded or has the wrong type."""
+# Every error class a headrace component raises on purpose; ``except HEADRACE_ERRORS``
+# is the catch-all of the CLI and the supervisors.
+HEADRACE_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, SourceError, TransformError, StorageError, TrainerError,
+)
 
-    exit_code = 2
-
-
-class SourceError(HeadraceError):
-    """Reading from Kafka or a replay file failed."""
-
-    retriable = True
-    exit_code = 3
-
-
-class BrokerError(SourceError):
-    """The embedded broker could not be started or stopped."""
-
-
-class DecodeError(HeadraceError):
-    """An event could not be decoded. Raised only where no dead-letter path exists."""
-
-
-class CacheError(HeadraceError):
-    """The LMDB batch cache or dead-letter store is unusable or inconsistent."""
-
-    exit_code = 4
+# Most specific first: the first class an error is an instance of decides its exit code.
+_EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (ConfigError, 2),
+    (SourceConfigError, 2),
+    (TransformConfigError, 2),
+    (TrainerConfigError, 2),
+    (PluginError, 2),
+    (SourceError, 3),
+    (CacheError, 4),
+    (CheckpointError, 4),
+    (StorageError, 4),
+    (PlanError, 6),
+    (TrainerError, 5),
+    (MappingError, 7),
+    (TransformError, 2),
+)
 
 
-class CheckpointError(HeadraceError):
-    """A checkpoint could not be written or does not match the model being restored."""
-
-    exit_code = 4
-
-
-class TrainerError(HeadraceError):
-    """Training cannot proceed (shape mismatch, non-finite loss, bad device)."""
-
-    exit_code = 5
-
-
-class PlanError(HeadraceError):
-    """No sharding plan fits; the message says by how much and what would make it fit."""
-
-    exit_code = 6
-
-
-class MappingError(HeadraceError):
-    """An id mapping cannot be fitted, loaded or applied."""
-
-    exit_code = 7
+def exit_code_of(exc: BaseException) -> int:
+    """The CLI's exit code for ``exc``: 2 config/plugin, 3 source, 4 cache/checkpoint,
+    5 trainer, 6 plan, 7 mapping, 1 anything else."""
+    for cls, code in _EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1

@@ -14,7 +14,7 @@ import logging
 import threading
 
 from engine.config import HeadraceConfig
-from engine.errors import HeadraceError
+from engine.errors import HEADRACE_ERRORS
 from storage.batch_cache import BatchCache
 
 __all__ = ["LagMonitor"]
@@ -61,7 +61,7 @@ class LagMonitor(threading.Thread):
         while not self._stop_event.wait(self.lag is None and 0.5 or self.every_s):
             try:
                 self.lag = self.measure()
-            except HeadraceError as exc:
+            except HEADRACE_ERRORS as exc:
                 # Lag is for display only: a broker hiccup must not stop the service.
                 if not self._warned:
                     log.warning("lag monitor: %s (will keep trying)", exc)

@@ -3,7 +3,8 @@
     source ─► ProcessBatches (decode ► filter ► project ► ids ► remap) ─► user plugins ─► WriteToCache
 
 Only the source differs between the two modes; everything a step needs travels in the
-element or in config, so the graph runs unchanged on Beam's portable runners.
+element or in config (the id mappings: a ``storage.mapping_store.MappingStore``, a
+directory path each worker reads), so the graph runs unchanged on Beam's portable runners.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ from engine.cache_sink import WriteToCache
 from engine.config import HeadraceConfig, RunnerKind
 from engine.plugins import load_plugins
 from storage.batch_cache import BatchCache
-from transforms.beam_steps import ApplyPlugins, ProcessBatches
+from storage.mapping_store import MappingStore
+from transforms.beam_steps import ApplyPlugins, ProcessBatches, RequiredColumns
 from transforms.process import TransformSpec
 
-__all__ = ["make_pipeline", "apply_graph", "resume_offsets", "mappings_dir"]
+__all__ = ["make_pipeline", "apply_graph", "plugin_step", "resume_offsets"]
 
 log = logging.getLogger(__name__)
-
-
-def mappings_dir(cfg: HeadraceConfig) -> str:
-    """Where fitted id mappings live: ``[hash] mappings_dir`` or ``<cache.path>/mappings``."""
-    return cfg.hash.mappings_dir or os.path.join(cfg.cache.path, "mappings")
 
 
 def make_pipeline(cfg: HeadraceConfig, *, streaming: bool) -> beam.Pipeline:
@@ -50,11 +47,20 @@ def apply_graph(source: beam.PCollection, cfg: HeadraceConfig, *, progress_every
     """Apply the shared graph to a PCollection[SourceBatch]; returns PCollection[int]
     (records accounted per written element)."""
     processed = source | "Process" >> ProcessBatches(
-        TransformSpec.from_config(cfg), mappings_dir(cfg), default_mapper=cfg.hash.mapper)
-    plugins = load_plugins(cfg.pipeline.plugins)
-    if plugins:
-        processed = processed | "Plugins" >> ApplyPlugins(plugins)
+        TransformSpec.from_config(cfg), MappingStore.from_config(cfg.hash, cfg.cache), default_mapper=cfg.hash.mapper)
+    plugins = plugin_step(cfg)
+    if plugins is not None:
+        processed = processed | "Plugins" >> plugins
     return processed | "Cache" >> WriteToCache(cfg, progress_every_s=progress_every_s)
+
+
+def plugin_step(cfg: HeadraceConfig) -> ApplyPlugins | None:
+    """The ``[pipeline] plugins``, each output checked to keep the columns the trainer
+    reads (a PluginError names the plugin and the column); None without plugins."""
+    plugins = load_plugins(cfg.pipeline.plugins)
+    if not plugins:
+        return None
+    return ApplyPlugins(plugins, required=RequiredColumns.for_trainer(TransformSpec.from_config(cfg)))
 
 
 def resume_offsets(cfg: HeadraceConfig) -> dict[tuple[str, int], int]:

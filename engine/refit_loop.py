@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from engine.config import HeadraceConfig
-from engine.errors import HeadraceError
+from engine.errors import HEADRACE_ERRORS
 from engine.fit_hash import RefitScheduler
 from storage.batch_cache import BatchCache
 
@@ -31,7 +31,7 @@ class RefitThread(threading.Thread):
         self.scheduler = RefitScheduler(cfg, cache=cache)
         self.tick_s = tick_s
         self.reports: list[dict[str, Any]] = []
-        self.error: HeadraceError | None = None
+        self.error: Exception | None = None
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -41,7 +41,7 @@ class RefitThread(threading.Thread):
         while not self._stop_event.wait(self.tick_s):
             try:
                 report = self.scheduler.maybe_refit()
-            except HeadraceError as exc:
+            except HEADRACE_ERRORS as exc:
                 # A failed fit keeps the current mapping; the service goes on, the error is kept.
                 if exc.retriable:  # e.g. no statistics written yet: the next period tries again
                     log.warning("hash re-fit postponed: %s", exc)

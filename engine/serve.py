@@ -22,13 +22,13 @@ from typing import Any, Callable
 import orjson
 
 from engine.config import HeadraceConfig
-from engine.errors import HeadraceError, SourceError, TrainerError
+from engine.errors import SourceError, TrainerError
 from engine.lag import LagMonitor
-from engine.refit_loop import RefitThread
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
 from engine.processes import StopFile, install_stop_signals, spawn_child
 from engine.progress import ProgressLine, format_rate
+from engine.refit_loop import RefitThread
 from storage.atomic import atomic_write_bytes
 from storage.batch_cache import BatchCache
 
@@ -135,7 +135,7 @@ def serve(
     trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path) if train else None
     progress = progress or ProgressLine()
     t0 = time.monotonic()
-    failure: HeadraceError | None = None
+    failure: Exception | None = None
     try:
         with BatchCache.from_config(cfg.cache, readonly=True) as cache:
             lag = LagMonitor(cfg, cache)

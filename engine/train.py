@@ -73,10 +73,9 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
 def _train_sharded(cfg: HeadraceConfig, **kwargs: Any) -> dict | None:
     import torch.distributed as dist
 
+    from engine.errors import ConfigError
     from trainer.dist import init_from_env
     from trainer.distributed_loop import DistributedTrainer, require_sharding_for
-
-    from engine.errors import ConfigError
 
     try:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,6 +1,6 @@
 """Everything that touches LMDB or SSD files: the batch cache with its source offsets,
-dead letters, id statistics, the embedding row store and checkpoint files.
-Only this package imports ``lmdb``."""
+dead letters, id statistics, the id-mapping store, the embedding row store and checkpoint
+files (all whole-file writes go through ``atomic``). Only this package imports ``lmdb``."""
 
 __all__ = [
     "batch_cache",
@@ -11,6 +11,7 @@ __all__ = [
     "dead_letters",
     "lmdb_env",
     "id_stats",
+    "mapping_store",
     "row_store",
     "row_store_format",
     "atomic",

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.errors import CacheError
 from storage.cache_keys import validate_partition, validate_topic
+from storage.errors import CacheError
 from transforms.elements import EVENT_TIME_COLUMN, OFFSET_COLUMN, DeadLetter, ProcessedBatch
 
 __all__ = [

@@ -1,11 +1,23 @@
-"""Atomic file replacement for checkpoints and id-mapping files.
+"""Atomic file replacement, and fsync, for every file headrace writes whole: checkpoints,
+mapping sets, manifests, status files.
 
-``atomic_write(path, write_fn)`` writes into a temporary file in the same directory,
-fsyncs it, renames it over ``path`` and fsyncs the directory. Readers see either the
-whole old file or the whole new one, never a mix, and after the call returns the new
-file survives a machine crash. If ``write_fn`` raises, ``path`` is untouched and the
-temporary file is removed. Concurrent writers of the same path: the last rename wins
-(each writer's file is whole).
+``atomic_write(path, write_fn, durable=...)`` writes into a temporary file in the same
+directory (``.<name>.<random>.tmp``), renames it over ``path``, and with ``durable=True``
+(the default) fsyncs the file before the rename and the directory after it.
+
+* Atomic, always: readers see either the whole old file or the whole new one, never a
+  mix, and a process crash at any instant leaves one of the two. If ``write_fn`` raises,
+  ``path`` is untouched and the temporary file is removed. Concurrent writers of the same
+  path: the last rename wins (each writer's file is whole).
+* Durable, with ``durable=True``: once the call returns, the new file survives a machine
+  crash (power loss). With ``durable=False`` a machine crash may bring back the old file
+  (or, on some filesystems, an empty one); use it only where the caller makes the result
+  durable itself, e.g. files inside a directory that is fsynced as a whole before it is
+  renamed into place (``trainer.checkpoint.ShardedCheckpointManager``), or where losing
+  the newest version costs nothing.
+
+``fsync_path(path)`` fsyncs one file or directory (a directory's fsync makes the names
+created, renamed or removed in it durable).
 
 Example:
     >>> import os, tempfile
@@ -23,21 +35,23 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_write", "atomic_write_bytes", "fsync_path"]
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file or directory ``path`` (opened read-only, which POSIX allows for both)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[BinaryIO], object], *,
+                 durable: bool = True) -> None:
     """Replace ``path`` atomically with what ``write_fn(fh)`` writes to the binary file
-    ``fh``. The directory must exist. The new file gets mode 0o644 minus the umask (a
-    temporary file would otherwise keep 0o600)."""
+    ``fh`` (see the module docstring for ``durable``). The directory must exist. The new
+    file gets mode 0o644 minus the umask (a temporary file would otherwise keep 0o600)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -45,7 +59,8 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[BinaryIO], ob
         with os.fdopen(fd, "wb") as fh:
             write_fn(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o644 & ~umask)
@@ -54,9 +69,11 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[BinaryIO], ob
         # Everything that can fail runs before the rename, so the temp file still exists.
         os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        fsync_path(directory)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
+                       durable: bool = True) -> None:
     """Replace ``path`` atomically with ``data`` (see ``atomic_write``)."""
-    atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data), durable=durable)

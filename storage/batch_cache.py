@@ -45,15 +45,28 @@ from typing import Any
 
 import lmdb
 
-from engine.errors import CacheError
 from storage.admission import WriteStatus, admit, check, classify, encode_batch
 from storage.cache_keys import (
-    DEAD_REASON_PREFIX, BatchMeta, Counter, StateKey, dead_letter_key, dead_reason_key, decode_i64,
-    decode_u64, encode_i64, encode_u64, parse_partition_key, partition_key, seq_from_key, seq_key,
-    validate_partition, validate_topic,
+    DEAD_REASON_PREFIX,
+    BatchMeta,
+    Counter,
+    StateKey,
+    dead_letter_key,
+    dead_reason_key,
+    decode_i64,
+    decode_u64,
+    encode_i64,
+    encode_u64,
+    parse_partition_key,
+    partition_key,
+    seq_from_key,
+    seq_key,
+    validate_partition,
+    validate_topic,
 )
 from storage.cache_reader import CachedBatch, CacheReader
 from storage.dead_letters import decode_dead_letter, encode_dead_letter, reason_of
+from storage.errors import CacheError
 from storage.lmdb_env import MAX_DBS, MAX_READERS, Durability, EnvHandle, acquire, release
 from storage.retention import RetentionPlan, plan_retention
 from transforms.elements import DeadLetter, ProcessedBatch, Reason
@@ -139,7 +152,7 @@ class BatchCache:
 
     @classmethod
     def from_config(cls, cache_cfg, readonly: bool = False) -> "BatchCache":
-        """Open the cache described by an ``engine.config.CacheConfig``."""
+        """Open the cache described by a ``storage.config.CacheConfig``."""
         return cls(
             cache_cfg.path, map_size_bytes=cache_cfg.map_size_bytes, max_bytes=cache_cfg.max_bytes, readonly=readonly,
             durability=Durability(cache_cfg.durability.value),

@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import struct
 
-from engine.errors import CacheError
+from storage.errors import CacheError
 
 __all__ = [
     "BatchMeta", "Counter", "StateKey",

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from engine.errors import CacheError
 from storage.admission import decode_batch
 from storage.cache_keys import BatchMeta, seq_from_key, seq_key
+from storage.errors import CacheError
 
 __all__ = ["CachedBatch", "CacheReader"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import struct
 
-from engine.errors import CacheError
 from storage.cache_keys import parse_dead_letter_key
+from storage.errors import CacheError
 from transforms.elements import DeadLetter, Reason, Stage
 
 __all__ = ["encode_dead_letter", "decode_dead_letter", "reason_of"]

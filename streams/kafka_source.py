@@ -45,9 +45,9 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from engine.config.core import SourceConfig, StartPosition
-from engine.errors import SourceError
 from streams.admin import list_partitions
+from streams.config import SourceConfig, StartPosition
+from streams.errors import SourceError
 from streams.kafka_client import PartitionReader, open_reader, resolve_start_offsets
 from streams.offsets import log_end_offsets
 from streams.records import SourceBatch

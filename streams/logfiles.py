@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import enum
 import gzip
-import zlib
 import os
+import zlib
 from typing import IO, Iterator
 
-from engine.errors import SourceError
+from streams.errors import SourceError
 
 __all__ = ["LogFormat", "log_format", "open_log", "iter_lines"]
 

@@ -5,14 +5,18 @@ can be far below the real one, and a time lookup returns the base offset of the 
 batch that contains the match). These functions take the broker's answer as a hint and
 confirm it by fetching from there, which costs one or two polls on Kafka and fixes the
 answer on Tansu. They block (network reads); call them at pipeline construction.
+
+Built directly on ``streams.kafka_backend`` (``streams.kafka_client.open_reader`` uses
+``log_end_offsets`` to resolve ``StartPosition.LATEST``, so this module must not import it).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Mapping
 
-from engine.config.core import SourceConfig
-from streams.kafka_client import PartitionReader, offsets_for_times, open_reader, watermark_offsets
+from streams.config import SourceConfig
+from streams.kafka_backend import backend_for
+from streams.partition_reader import PartitionReader
 from streams.records import SourceBatch
 
 __all__ = ["log_end_offsets", "exact_offsets_for_times", "PROBE_POLL_TIMEOUT_MS", "MAX_PROBE_POLLS"]
@@ -33,13 +37,15 @@ def log_end_offsets(cfg: SourceConfig, topic: str, partitions: Iterable[int]) ->
     A partition written to while probing gets the end reached after ``MAX_PROBE_POLLS``
     polls (every offset before it holds data that exists). Never below the reported end.
     """
-    marks = watermark_offsets(cfg, topic, partitions)
+    backend = backend_for(cfg.client)
+    marks = backend.watermark_offsets(cfg, topic, list(partitions))
     ends: dict[int, int] = {}
     for partition, (low, high) in marks.items():
         end = int(high)
         # Re-read the last reported record: the fetch reaches past it if the broker
         # under-reported the end.
-        with open_reader(cfg, topic, partition, max(int(low), end - 1)) as reader:
+        start = max(int(low), end - 1)
+        with backend.open_reader(cfg, topic, partition, start, start) as reader:
             for batch in _probe_polls(reader, cfg, MAX_PROBE_POLLS):
                 end = max(end, batch.end_offset)
         ends[partition] = end
@@ -54,7 +60,8 @@ def exact_offsets_for_times(cfg: SourceConfig, topic: str, times_ms: Mapping[int
     before the hint are not examined (Kafka's time index guarantees none qualify when
     timestamps ascend; with out-of-order producer timestamps "first" is Kafka's notion).
     """
-    hints = offsets_for_times(cfg, topic, times_ms)
+    backend = backend_for(cfg.client)
+    hints = backend.offsets_for_times(cfg, topic, times_ms)
     exact: dict[int, int | None] = {}
     for partition, hint in hints.items():
         if hint is None:
@@ -62,7 +69,7 @@ def exact_offsets_for_times(cfg: SourceConfig, topic: str, times_ms: Mapping[int
             continue
         target_ms = times_ms[partition]
         exact[partition] = None
-        with open_reader(cfg, topic, partition, hint) as reader:
+        with backend.open_reader(cfg, topic, partition, hint, hint) as reader:
             for batch in _probe_polls(reader, cfg, None):
                 ts = batch.records.column(1).to_numpy()
                 hits = (ts >= target_ms).nonzero()[0]

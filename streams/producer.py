@@ -15,10 +15,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import orjson
 
-from engine.config.core import KafkaClientKind
-from engine.errors import SourceError
 from streams.admin import list_partitions
-from streams.kafka_client import kafka_python_options, resolve_client_kind
+from streams.config import KafkaClientKind
+from streams.errors import SourceError
+from streams.kafka_backend import backend_for
 from streams.logfiles import LogFormat, iter_lines, log_format
 
 __all__ = ["TokenBucket", "produce_values", "produce_file", "key_partition", "line_key"]
@@ -82,65 +82,22 @@ def line_key(line: bytes, fmt: LogFormat, key_field: str | int) -> bytes | None:
 
 
 class _Sender:
-    """Send to explicit partitions with one of the two clients; collect delivery errors."""
+    """Send to explicit partitions through the client's producer; collect delivery errors."""
 
     def __init__(self, bootstrap: str, client: KafkaClientKind, client_options: Mapping[str, str]):
-        self._kind = resolve_client_kind(client)
         self.errors: list[str] = []
         self.sent = 0
-        if self._kind is KafkaClientKind.CONFLUENT:
-            import confluent_kafka as ck
-
-            conf = {"bootstrap.servers": bootstrap, "client.id": "headrace-producer", "linger.ms": 5}
-            conf.update(client_options)
-            self._producer = ck.Producer(conf)
-        else:
-            from kafka import KafkaProducer
-
-            options = dict(bootstrap_servers=bootstrap.split(","), client_id="headrace-producer", linger_ms=5)
-            options.update(kafka_python_options(client_options, KafkaProducer.DEFAULT_CONFIG))
-            self._producer = KafkaProducer(**options)
-
-    def _on_confluent(self, err, msg):
-        if err is not None:
-            self.errors.append(str(err))
-
-    def _on_kafka_python_error(self, exc):
-        self.errors.append(repr(exc))
+        self._producer = backend_for(client).open_producer(bootstrap, client_options, self.errors.append)
 
     def send(self, topic: str, value: bytes | None, partition: int, key: bytes | None, timestamp_ms: int | None):
-        if self._kind is KafkaClientKind.CONFLUENT:
-            kwargs = {"partition": partition, "on_delivery": self._on_confluent}
-            if key is not None:
-                kwargs["key"] = key
-            if timestamp_ms is not None:
-                kwargs["timestamp"] = timestamp_ms
-            while True:
-                try:
-                    self._producer.produce(topic, value, **kwargs)
-                    break
-                except BufferError:
-                    # Local queue full: serve delivery callbacks until there is room.
-                    self._producer.poll(0.05)
-            self._producer.poll(0)
-        else:
-            if value is None and key is None:
-                key = b""  # kafka-python refuses a message with neither key nor value
-            future = self._producer.send(topic, value=value, key=key, partition=partition, timestamp_ms=timestamp_ms)
-            future.add_errback(self._on_kafka_python_error)
+        self._producer.send(topic, value, partition, key, timestamp_ms)
         self.sent += 1
 
     def flush(self) -> None:
-        if self._kind is KafkaClientKind.CONFLUENT:
-            remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
-            if remaining:
-                self.errors.append(f"{remaining} message(s) still undelivered after {_FLUSH_TIMEOUT_S:g} s")
-        else:
-            self._producer.flush(timeout=_FLUSH_TIMEOUT_S)
+        self._producer.flush(_FLUSH_TIMEOUT_S)
 
     def close(self) -> None:
-        if self._kind is KafkaClientKind.KAFKA_PYTHON:
-            self._producer.close()
+        self._producer.close()
 
 
 def _finish(sender: _Sender, topic: str) -> int:

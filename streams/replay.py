@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config.core import SourceConfig
-from engine.errors import ConfigError, SourceError
 from streams.admin import list_partitions
+from streams.config import SourceConfig
+from streams.errors import SourceConfigError, SourceError
 from streams.kafka_client import watermark_offsets
 from streams.kafka_source import ReadKafkaBatches
 from streams.logfiles import iter_lines, log_format
@@ -134,9 +134,9 @@ class ReadLogFiles(beam.PTransform):
     ):
         super().__init__()
         if max_batch_records < 1:
-            raise ConfigError(f"max_batch_records must be >= 1, got {max_batch_records}")
+            raise SourceConfigError(f"max_batch_records must be >= 1, got {max_batch_records}")
         if not paths:
-            raise ConfigError("ReadLogFiles needs at least one file path")
+            raise SourceConfigError("ReadLogFiles needs at least one file path")
         start_offsets = dict(start_offsets or {})
         self._elements: list[tuple[str, int]] = []
         seen: set[str] = set()
@@ -146,7 +146,7 @@ class ReadLogFiles(beam.PTransform):
             if not os.path.isfile(absolute):
                 raise SourceError(f"log file {absolute!r} does not exist", retriable=False)
             if absolute in seen:
-                raise ConfigError(f"log file {absolute!r} is listed twice; each file is read once")
+                raise SourceConfigError(f"log file {absolute!r} is listed twice; each file is read once")
             seen.add(absolute)
             start = int(start_offsets.get((file_topic(absolute), 0), 0))
             if start < 0:
@@ -217,14 +217,14 @@ def plan_kafka_range(
     start is the log start, a missing end the log end at launch, and an end past the
     log end at launch is clamped to it (a backfill never waits for data). Time mode: see
     the module docstring; a partition with no record at/after ``from_time_ms`` gets an
-    empty range. Raises ``ConfigError`` for mixed modes, unknown partitions, negative
+    empty range. Raises ``SourceConfigError`` for mixed modes, unknown partitions, negative
     offsets or a start after its end.
     """
     time_mode = from_time_ms is not None or to_time_ms is not None
     if time_mode and (from_offsets is not None or to_offsets is not None):
-        raise ConfigError("give either offsets (from_offsets/to_offsets) or times (from_time_ms/to_time_ms), not both")
+        raise SourceConfigError("give either offsets (from_offsets/to_offsets) or times (from_time_ms/to_time_ms), not both")
     if from_time_ms is not None and to_time_ms is not None and to_time_ms < from_time_ms:
-        raise ConfigError(f"to_time_ms {to_time_ms} is before from_time_ms {from_time_ms}")
+        raise SourceConfigError(f"to_time_ms {to_time_ms} is before from_time_ms {from_time_ms}")
     partitions = list_partitions(source_cfg.bootstrap, topic, client_options=source_cfg.client_options)
     froms = _per_partition(from_offsets, partitions)
     tos = _per_partition(to_offsets, partitions)
@@ -232,12 +232,12 @@ def plan_kafka_range(
         named = set(froms) | set(tos)
         unknown = sorted(named - set(partitions))
         if unknown:
-            raise ConfigError(f"topic {topic!r} has partitions {partitions}; no partition(s) {unknown}")
+            raise SourceConfigError(f"topic {topic!r} has partitions {partitions}; no partition(s) {unknown}")
         partitions = sorted(named)
     for p in partitions:
         lo, hi = froms.get(p, 0), tos.get(p)
         if lo < 0 or (hi is not None and hi < lo):
-            raise ConfigError(f"{topic}[{p}]: offset range [{lo}, {hi}) is invalid (need 0 <= from <= to)")
+            raise SourceConfigError(f"{topic}[{p}]: offset range [{lo}, {hi}) is invalid (need 0 <= from <= to)")
     lows = {p: lo for p, (lo, _) in watermark_offsets(source_cfg, topic, partitions).items()}
     ends = log_end_offsets(source_cfg, topic, partitions)
     ranges: dict[int, tuple[int, int]] = {}
@@ -289,7 +289,7 @@ class ReadKafkaRange(beam.PTransform):
     ):
         super().__init__()
         if from_offsets is None and to_offsets is None and from_time_ms is None and to_time_ms is None:
-            raise ConfigError("ReadKafkaRange needs from_offsets/to_offsets or from_time_ms/to_time_ms")
+            raise SourceConfigError("ReadKafkaRange needs from_offsets/to_offsets or from_time_ms/to_time_ms")
         self._cfg = dataclasses.replace(source_cfg, topics=(topic,))
         self._topic = topic
         self._range_args = dict(from_offsets=from_offsets, to_offsets=to_offsets,

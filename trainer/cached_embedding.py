@@ -47,12 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import HeadraceConfig
-from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
-from engine.errors import CheckpointError, TrainerError
 from storage.row_store import RowStore, RowTableSpec
 from trainer.batch import Jagged
-from trainer.embedding import TableSpec, init_rows, shared_dim
+from trainer.config import RowCachePolicy, RowOptimizerKind, TrainSpec
+from trainer.embedding import CollectionCapabilities, TableSpec, init_rows, shared_dim, table_specs
+from trainer.errors import CheckpointError, TrainerConfigError, TrainerError
 from trainer.prefetch import RowPrefetcher
 from trainer.row_cache_policy import make_policy
 from trainer.row_optim import apply_row_update_, state_dim_of
@@ -126,6 +125,9 @@ class _TableCache:
 
 class CachedEmbeddingBagCollection(nn.Module):
     """Sum-pooled embedding bags over SSD-resident tables with a per-table row cache."""
+
+    capabilities = CollectionCapabilities(sparse_step=True, prefetch=True, flush=True,
+                                          own_checkpoint_state=True)
 
     def __init__(self, tables: Sequence[TableSpec], store: RowStore, *,
                  cache_rows: int | Mapping[str, int], policy: RowCachePolicy = RowCachePolicy.LRU,
@@ -432,10 +434,10 @@ class CachedEmbeddingBagCollection(nn.Module):
         step.bytes_written += len(rows) * self.store.tables[name].record_bytes
 
 
-def cached_table_specs(cfg: HeadraceConfig) -> list[TableSpec]:
+def cached_table_specs(cfg: TrainSpec) -> list[TableSpec]:
     """The tables ``[row_cache]`` puts on SSD: those named in ``row_cache.tables``, or every
-    sparse feature when it names none. ConfigError-style ValueError for unknown names."""
-    specs = [TableSpec(s.name, s.rows, s.dim or cfg.trainer.embedding_dim) for s in cfg.schema.sparse]
+    sparse feature when it names none. TrainerConfigError-style ValueError for unknown names."""
+    specs = table_specs(cfg.schema, cfg.trainer.embedding_dim)
     if not cfg.row_cache.tables:
         return specs
     known = {t.name for t in specs}
@@ -446,12 +448,27 @@ def cached_table_specs(cfg: HeadraceConfig) -> list[TableSpec]:
     return [t for t in specs if t.name in cfg.row_cache.tables]
 
 
-def build_cached_embeddings(cfg: HeadraceConfig, tables: Sequence[TableSpec] | None = None,
+def build_cached_embeddings(cfg: TrainSpec, tables: Sequence[TableSpec] | None = None,
                             device: torch.device | str | None = None) -> CachedEmbeddingBagCollection:
     """The SSD-cached collection a config with ``[row_cache] enabled = true`` trains with:
     ``tables`` (default ``cached_table_specs(cfg)``) in ``row_cache.path``, cache sized by
-    ``row_cache.cache_rows``/``cache_bytes``, ``trainer.learning_rate`` and ``trainer.seed``."""
+    ``row_cache.cache_rows``/``cache_bytes``, ``trainer.sparse_learning_rate`` and
+    ``trainer.seed``. The row cache trains with ``[row_cache] optimizer``, which must be the
+    trainer's sparse optimizer (row-wise Adagrad or SGD: the same update as the fused
+    tables'); ``TrainerConfigError`` otherwise."""
     rc = cfg.row_cache
+    kind = cfg.trainer.sparse_optimizer_kind
+    if kind.value not in {k.value for k in RowOptimizerKind}:
+        raise TrainerConfigError(
+            f"[trainer] sparse_optimizer = {kind.value!r}, but the row cache ([row_cache] enabled) "
+            f"trains rows with {[k.value for k in RowOptimizerKind]} only (its [row_cache] optimizer): "
+            "set [trainer] sparse_optimizer (or the old [trainer] optimizer key) to one of them, or "
+            "disable [row_cache]")
+    if rc.optimizer.value != kind.value:
+        raise TrainerConfigError(
+            f"[row_cache] optimizer = {rc.optimizer.value!r} differs from [trainer] sparse_optimizer = "
+            f"{kind.value!r}: cached and in-memory tables must train with the same update; set both "
+            "to the same kind")
     tables = list(cached_table_specs(cfg) if tables is None else tables)
     if device is None:
         device = cfg.trainer.device
@@ -461,5 +478,5 @@ def build_cached_embeddings(cfg: HeadraceConfig, tables: Sequence[TableSpec] | N
     row_bytes = 4 * (tables[0].dim + state_dim_of(rc.optimizer))
     return CachedEmbeddingBagCollection(
         tables, store, cache_rows=rc.cache_rows_for(row_bytes), policy=rc.policy,
-        optimizer=rc.optimizer, learning_rate=cfg.trainer.learning_rate, eps=rc.adagrad_eps,
+        optimizer=rc.optimizer, learning_rate=cfg.trainer.sparse_lr, eps=rc.adagrad_eps,
         device=device, prefetch=rc.prefetch)

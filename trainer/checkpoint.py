@@ -3,7 +3,10 @@
 A checkpoint is one ``torch.save`` file ``ckpt-<trained_batches:012d>.pt`` in the checkpoint
 directory, written to a temporary name in the same directory, fsynced and renamed into place,
 so a crash at any instant leaves either the previous set of checkpoints or the new one, never
-a torn file. The newest ``keep`` checkpoints are kept.
+a torn file. The newest ``keep`` checkpoints are kept. Periodic checkpoints may be written in
+the background (``save(..., background=True)``, ``trainer.checkpoint_writer``): the state is
+snapshotted when ``save`` returns and written while training goes on; ``completed()`` lists
+the checkpoints that have become durable.
 
 The file records ``model_shape(cfg)`` (the config fields that decide parameter shapes) and the
 optimizer kind; loading into a model of another shape or with another optimizer raises
@@ -36,16 +39,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import HeadraceConfig
-from engine.errors import CheckpointError
 from storage.atomic import atomic_write
+from trainer.checkpoint_writer import BackgroundCheckpointWriter
+from trainer.config import TrainSpec
 from trainer.data import Cursor
+from trainer.embedding import capabilities_of
+from trainer.errors import CheckpointError
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import model_shape
 
-__all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION"]
+__all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION",
+           "latest_checkpoint"]
 
-FORMAT_VERSION = 1
+# 2: embeddings and dense layers with their own optimizers, plain tables fused in one buffer.
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 _SHARDED_NAME = re.compile(r"^sharded-(\d{12})$")
 _SHARDED_TMP = re.compile(r"^\.sharded-(\d{12})\.tmp$")
@@ -61,18 +68,18 @@ class LoadedCheckpoint:
 
 
 def _has_own_state(embeddings: nn.Module | None) -> bool:
-    return embeddings is not None and hasattr(embeddings, "checkpoint_state") \
-        and hasattr(embeddings, "load_checkpoint_state")
+    return capabilities_of(embeddings).own_checkpoint_state
 
 
-def _init_checkpoint_dir(manager, directory: str | os.PathLike[str], cfg: HeadraceConfig, keep: int) -> None:
+def _init_checkpoint_dir(manager, directory: str | os.PathLike[str], cfg: TrainSpec, keep: int) -> None:
     """Fields every checkpoint manager has; creates the directory."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     manager.directory = Path(directory)
     manager.keep = keep
     manager.shape = model_shape(cfg)
-    manager.optimizer_kind = cfg.trainer.optimizer.value
+    t = cfg.trainer
+    manager.optimizer_kind = f"sparse={t.sparse_optimizer_kind.value},dense={t.dense_optimizer_kind.value}"
     try:
         manager.directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -95,14 +102,27 @@ def _run_state(manager, cursor: Cursor, counters, metrics: ProgressiveMetrics) -
     }
 
 
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete plain checkpoint in ``directory`` (None: none, or no directory).
+    Read-only: unlike constructing a ``CheckpointManager`` it never removes a temp file, so
+    another process may call it while the trainer writes a checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)))
+    return found[-1][1] if found else None
+
+
 class CheckpointManager:
     """Saves and restores checkpoints of one training run in ``directory`` (created if
     missing). Not safe for two trainers sharing a directory."""
 
-    def __init__(self, directory: str | os.PathLike[str], cfg: HeadraceConfig, *, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike[str], cfg: TrainSpec, *, keep: int = 3):
         _init_checkpoint_dir(self, directory, cfg, keep)
         for stale in self.directory.glob(_TMP_GLOB):
             stale.unlink(missing_ok=True)  # leftovers of a crash mid-write
+        self._writer = BackgroundCheckpointWriter()
+        self._written: list[Path] = []  # foreground saves not yet reported by completed()
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -114,13 +134,18 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        cps = self.checkpoints()
-        return cps[-1] if cps else None
+        return latest_checkpoint(self.directory)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cursor: Cursor,
-             metrics: ProgressiveMetrics, counters: dict[str, Any]) -> Path:
+             metrics: ProgressiveMetrics, counters: dict[str, Any], background: bool = False) -> Path:
         """Write a checkpoint named by ``counters["trained_batches"]`` and prune old ones.
-        The caller flushes embedding collections first (see the loop)."""
+        The caller flushes embedding collections first (see the loop).
+
+        ``background``: snapshot the state and write it on a thread
+        (``trainer.checkpoint_writer``); the returned path is durable only once
+        ``completed()``/``wait()`` has listed it. A collection with its own state
+        (``checkpoint_state``, e.g. the SSD row store, whose files move on with training) is
+        always written in the foreground, as is every save while ``background`` is False."""
         embeddings = getattr(model, "embeddings", None)
         state = model.state_dict()
         blob: dict[str, Any] = {**_run_state(self, cursor, counters, metrics),
@@ -130,13 +155,41 @@ class CheckpointManager:
             blob["embeddings_state"] = embeddings.checkpoint_state()
         blob["model"] = state
         path = self.directory / f"ckpt-{int(counters['trained_batches']):012d}.pt"
+        if background and not _has_own_state(embeddings):
+            self._writer.submit(path, blob, on_written=lambda _: self._prune())
+            return path
+        self._written += self._background_done(self._writer.wait)
         try:
             atomic_write(path, lambda fh: torch.save(blob, fh))
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {path}: {exc}", retriable=True) from None
+        self._prune()
+        self._written.append(path)
+        return path
+
+    def completed(self) -> list[Path]:
+        """Checkpoints that became durable since the last call (foreground saves and finished
+        background writes), oldest first; never blocks. A failed background write raises its
+        ``CheckpointError`` here."""
+        done = self._written + self._background_done(self._writer.completed)
+        self._written = []
+        return done
+
+    def wait(self) -> list[Path]:
+        """Block until no background write is in flight; then as ``completed()``."""
+        self._written += self._background_done(self._writer.wait)
+        return self.completed()
+
+    def _background_done(self, fn) -> list[Path]:
+        try:
+            return fn()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint in {self.directory}: {exc}",
+                                  retriable=True) from None
+
+    def _prune(self) -> None:
         for old in self.checkpoints()[:-self.keep]:
             old.unlink(missing_ok=True)
-        return path
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer,
              metrics: ProgressiveMetrics, path: str | os.PathLike[str] | None = None
@@ -159,11 +212,7 @@ class CheckpointManager:
                 f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to "
                 "resume from the previous one"
             ) from None
-        if blob.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path} has format {blob.get('format_version')}, this headrace "
-                f"reads format {FORMAT_VERSION}"
-            )
+        _check_format(path, blob.get("format_version"))
         _check_compatible(path, blob["model_shape"], blob["optimizer_kind"], self.shape,
                           self.optimizer_kind)
         embeddings = getattr(model, "embeddings", None)
@@ -196,6 +245,23 @@ class CheckpointManager:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
         return LoadedCheckpoint(path, Cursor.from_dict(blob["cursor"]), dict(blob["counters"]))
+
+
+def _check_format(path: Path, found: Any) -> None:
+    if found == FORMAT_VERSION:
+        return
+    if found == 1:
+        raise CheckpointError(
+            f"checkpoint {path} was written by headrace 0.1 (one optimizer for embeddings and "
+            "dense layers, one table per feature); this release fuses the tables and trains them "
+            "with their own optimizer ([trainer] sparse_optimizer), so it cannot resume that state. "
+            "Point trainer.checkpoint_dir at a new directory: the trainer starts over and replays "
+            "the batch cache from its first retained batch"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} has trainer format {found!r}, this headrace reads format "
+        f"{FORMAT_VERSION} (was it written by the trainer?)"
+    )
 
 
 def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape: dict,
@@ -261,8 +327,11 @@ class ShardedCheckpointManager:
     """Checkpoints of a sharded DLRM in ``directory``, one ``sharded-<n:012d>/`` directory each.
 
     Collective: every rank of the job constructs it and calls ``save``/``load`` at the same
-    point with its own model and optimizer (``load`` may run on another world size or plan
-    than the ``save``: shards are reassembled). Rank 0 alone renames, prunes and cleans up.
+    point with its own model and dense optimizer (``load`` may run on another world size or
+    plan than the ``save``: shards are reassembled). Each shard is saved with its sparse
+    optimizer state, and the update count with them (``trainer.sharded_checkpoint``); the
+    dense optimizer's state goes with the dense layers. Rank 0 alone renames, prunes and
+    cleans up.
 
     Atomicity: every rank writes into ``.sharded-<n>.tmp/``; once all of them wrote and the
     manifest exists, rank 0 fsyncs the files and renames the directory into place. A crash
@@ -270,10 +339,11 @@ class ShardedCheckpointManager:
     start. The newest ``keep`` are kept. Not safe for two jobs sharing a directory.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], cfg: HeadraceConfig, *, rank: int,
+    def __init__(self, directory: str | os.PathLike[str], cfg: TrainSpec, *, rank: int,
                  keep: int = 3):
         _init_checkpoint_dir(self, directory, cfg, keep)
         self.rank = rank
+        self._written: list[Path] = []
         if rank == 0:
             self._remove_leftovers()
 
@@ -294,10 +364,20 @@ class ShardedCheckpointManager:
         cps = self.checkpoints()
         return cps[-1] if cps else None
 
+    def completed(self) -> list[Path]:
+        """Checkpoints saved since the last call (sharded ones are written in the foreground,
+        so each is durable when ``save`` returns)."""
+        done, self._written = self._written, []
+        return done
+
+    def wait(self) -> list[Path]:
+        return self.completed()
+
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cursor: Cursor,
-             metrics: ProgressiveMetrics, counters: dict[str, Any]) -> Path:
+             metrics: ProgressiveMetrics, counters: dict[str, Any], background: bool = False) -> Path:
         """Write the checkpoint named by ``counters["trained_batches"]`` (collective; returns
-        on every rank once it is in place). ``metrics`` must be the same on every rank (the
+        on every rank once it is in place; ``background`` is ignored: every rank's shards are
+        written together, in the foreground). ``metrics`` must be the same on every rank (the
         distributed loop keeps them so); rank 0's copy is stored."""
         from trainer.sharded_checkpoint import save_sharded_checkpoint
 
@@ -321,6 +401,7 @@ class ShardedCheckpointManager:
         except OSError as exc:
             raise CheckpointError(f"cannot write sharded checkpoint {final}: {exc}", retriable=True) from None
         _barrier()  # every rank returns with the checkpoint in place
+        self._written.append(final)
         return final
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -348,11 +429,7 @@ class ShardedCheckpointManager:
                 "directory to resume from the previous one"
             ) from None
         extra = dense.get("extra") or {}
-        if extra.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path} has trainer format {extra.get('format_version')!r}, this "
-                f"headrace reads format {FORMAT_VERSION} (was it written by the trainer?)"
-            )
+        _check_format(path, extra.get("format_version"))
         _check_compatible(path, extra["model_shape"], extra["optimizer_kind"], self.shape,
                           self.optimizer_kind)
         probe = ProgressiveMetrics(metrics.window_samples, metrics.auc_bins)

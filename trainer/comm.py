@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from engine.config.sharding import CommPrecision
+from trainer.config import CommPrecision
 
 __all__ = ["wire_dtype", "PooledAllToAll", "pooled_all_to_all", "IdExchange"]
 

@@ -4,16 +4,21 @@ What one training step costs a rank that holds a shard of ``rows x cols`` of a t
 global batch of ``B`` samples (``W`` ranks, ``L`` = lookups per sample of the table):
 
 memory (device)
-    weights + dense gradient (``elem`` bytes each per element) + ``slots`` fp32 optimizer
-    tensors per element (sgd 0, adagrad 1, adam 2), plus step buffers: the ids it receives
-    (8 bytes each) and its pooled output and that output's gradient (fp32, ``B x cols``).
-    A *cached* shard keeps only ``cache_rows`` on the device; the full table with its
-    optimizer state lives in host memory (and on SSD behind it).
+    A model-parallel shard is what ``trainer.fused_embedding`` holds: its weights
+    (``elem`` bytes per element, the embedding dtype) and the sparse optimizer's fp32 state
+    (``optimizer_state_bytes_per_row``: 4 bytes per row for row-wise Adagrad, 4 per element
+    for Adagrad, 8 for Adam, none for SGD); no dense gradient. Step buffers: the ids it
+    receives (8 bytes each), its pooled output and that output's gradient (fp32,
+    ``B x cols``) and the deduplicated row gradients (fp32, at most ``ids x cols``).
+    A data-parallel replica is a plain parameter under DDP and the dense optimizer: weights,
+    a dense gradient and ``dense_optimizer_slots`` fp32 tensors per element.
+    A *cached* shard keeps only ``cache_rows`` rows and their state on the device; the full
+    table with its state lives in host memory (and on SSD behind it).
 compute
     embedding-bag forward and backward read/write ``ids x cols x elem`` bytes, and the
-    optimizer updates ``rows x cols x (2 elem + 8 slots)`` bytes at device bandwidth, where
-    ``rows`` is the whole shard with dense gradients and at most the ids it saw with sparse
-    ones (``StepShape.sparse_updates``; replicated tables are always dense, for DDP). A cached shard pays its misses at host-to-device bandwidth.
+    sparse optimizer reads and writes the touched rows and their state (at most ``ids``
+    rows) at device bandwidth; a replica's dense optimizer touches every row. A cached shard
+    pays its misses at host-to-device bandwidth.
 communication
     model-parallel shards: the ids in (8 bytes each), the pooled output out and its
     gradient back (``B x cols x comm`` bytes each way, where ``comm`` is the wire element
@@ -30,11 +35,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from engine.config.sharding import ShardingType
-from engine.errors import ConfigError
+from trainer.config import ShardingType, SparseOptimizerKind
+from trainer.errors import TrainerConfigError
 from trainer.topology import Topology
 
-__all__ = ["DType", "TableStats", "StepShape", "ShardCost", "shard_cost", "table_bytes"]
+__all__ = [
+    "DType", "TableStats", "StepShape", "ShardCost", "shard_cost", "table_bytes",
+    "optimizer_state_bytes_per_row",
+]
 
 _ID_BYTES = 8
 
@@ -71,37 +79,43 @@ class TableStats:
 
     def __post_init__(self):
         if self.rows < 1 or self.dim < 1:
-            raise ConfigError(f"table {self.name!r}: rows and dim must be >= 1, got {self.rows} x {self.dim}")
+            raise TrainerConfigError(f"table {self.name!r}: rows and dim must be >= 1, got {self.rows} x {self.dim}")
         if self.pooling_factor <= 0:
-            raise ConfigError(f"table {self.name!r}: pooling_factor must be > 0, got {self.pooling_factor}")
+            raise TrainerConfigError(f"table {self.name!r}: pooling_factor must be > 0, got {self.pooling_factor}")
         if not 0.0 < self.access_frequency <= 1.0:
-            raise ConfigError(
+            raise TrainerConfigError(
                 f"table {self.name!r}: access_frequency must be in (0, 1], got {self.access_frequency}"
             )
         if self.cache_hit_rate is not None and not 0.0 <= self.cache_hit_rate <= 1.0:
-            raise ConfigError(f"table {self.name!r}: cache_hit_rate must be in [0, 1]")
+            raise TrainerConfigError(f"table {self.name!r}: cache_hit_rate must be in [0, 1]")
 
     @property
     def lookups_per_sample(self) -> float:
         return self.pooling_factor * self.access_frequency
 
 
+def optimizer_state_bytes_per_row(kind: SparseOptimizerKind, dim: int) -> int:
+    """fp32 state bytes the sparse optimizer keeps beside one row of ``dim`` columns (the
+    shapes of ``trainer.sparse_optim.state_shapes``, which a test keeps in step)."""
+    return {SparseOptimizerKind.ROWWISE_ADAGRAD: 4, SparseOptimizerKind.SGD: 0,
+            SparseOptimizerKind.ADAGRAD: 4 * dim, SparseOptimizerKind.ADAM: 8 * dim}[kind]
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The per-step workload: global batch, optimizer state slots per element, wire size."""
+    """The per-step workload: global batch, the embeddings' sparse optimizer, the dense
+    optimizer's fp32 slots per element (for replicated tables), wire size."""
 
     global_batch_size: int
-    optimizer_slots: int = 1
+    sparse_optimizer: SparseOptimizerKind = SparseOptimizerKind.ROWWISE_ADAGRAD
     comm_bytes_per_element: int = 4
-    # model-parallel shards take sparse gradients (Adagrad/SGD): the optimizer touches only
-    # the rows a step looked up, not the whole shard
-    sparse_updates: bool = False
+    dense_optimizer_slots: int = 1  # sgd 0, adagrad 1, adam 2
 
     def __post_init__(self):
         if self.global_batch_size < 1:
-            raise ConfigError(f"global batch size must be >= 1, got {self.global_batch_size}")
-        if self.optimizer_slots < 0 or self.comm_bytes_per_element not in (2, 4):
-            raise ConfigError("optimizer_slots must be >= 0 and comm_bytes_per_element 2 or 4")
+            raise TrainerConfigError(f"global batch size must be >= 1, got {self.global_batch_size}")
+        if self.dense_optimizer_slots < 0 or self.comm_bytes_per_element not in (2, 4):
+            raise TrainerConfigError("dense_optimizer_slots must be >= 0 and comm_bytes_per_element 2 or 4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +133,17 @@ class ShardCost:
 
 
 def table_bytes(t: TableStats, shape: StepShape) -> int:
-    """Weights, gradient and optimizer state of the whole table (no step buffers)."""
-    return t.rows * t.dim * _bytes_per_element(t, shape)
+    """Weights and sparse optimizer state of the whole table (no step buffers)."""
+    return t.rows * _row_bytes(t, t.dim, shape)
 
 
-def _bytes_per_element(t: TableStats, shape: StepShape) -> int:
-    return 2 * t.dtype.nbytes + 4 * shape.optimizer_slots
+def _row_bytes(t: TableStats, cols: int, shape: StepShape) -> int:
+    """Device bytes of one row of ``cols`` columns of a model-parallel or cached shard."""
+    return cols * t.dtype.nbytes + optimizer_state_bytes_per_row(shape.sparse_optimizer, cols)
+
+
+def _replica_bytes_per_element(t: TableStats, shape: StepShape) -> int:
+    return 2 * t.dtype.nbytes + 4 * shape.dense_optimizer_slots
 
 
 def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_shards: int,
@@ -137,7 +156,7 @@ def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_
     """
     W = topo.world_size
     B = shape.global_batch_size
-    per_elem = _bytes_per_element(t, shape)
+    row_bytes = _row_bytes(t, cols, shape)
     lookups = B * t.lookups_per_sample
     a2a_bw = topo.exchange_bw_bytes_per_s()
     cross = (W - 1) / W
@@ -146,14 +165,15 @@ def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_
         local_ids = lookups / W
         buffers = int(local_ids * _ID_BYTES + 2 * (B / W) * cols * 4)
         compute = (3 * local_ids * cols * t.dtype.nbytes
-                   + rows * cols * (2 * t.dtype.nbytes + 8 * shape.optimizer_slots)) / topo.device_bw_bytes_per_s
+                   + rows * cols * (2 * t.dtype.nbytes + 8 * shape.dense_optimizer_slots)) / topo.device_bw_bytes_per_s
         comm = 2 * cross * rows * cols * t.dtype.nbytes / a2a_bw
-        return ShardCost(rows * cols * per_elem + buffers, 0, compute, comm)
+        return ShardCost(rows * cols * _replica_bytes_per_element(t, shape) + buffers, 0, compute, comm)
 
     # Row-wise shards see their share of the ids; table- and column-wise see all of them.
     row_split = sharding in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
     ids = lookups / num_shards if row_split else lookups
-    buffers = int(ids * _ID_BYTES + 2 * B * cols * 4)
+    # ids in, pooled output and its gradient, deduplicated row gradients (at most one per id)
+    buffers = int(ids * _ID_BYTES + 2 * B * cols * 4 + min(rows, ids) * cols * 4)
     bag_bytes = 3 * ids * cols * t.dtype.nbytes
     out_bytes = 2 * B * cols * shape.comm_bytes_per_element  # forward out + gradient back
     comm = (cross * ids * _ID_BYTES + cross * out_bytes) / a2a_bw
@@ -163,21 +183,16 @@ def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_
         comm = (cross * ids * _ID_BYTES + cross * out_bytes / len(group)) / a2a_bw \
             + out_bytes / topo.exchange_bw_bytes_per_s(group)
 
+    # the sparse optimizer reads and writes the touched rows and their state, nothing else
+    update = 2 * min(rows, ids) * row_bytes
     if cache_rows is None:
-        device = rows * cols * per_elem + buffers
-        touched = min(rows, ids) if shape.sparse_updates else rows
-        update = touched * cols * (2 * t.dtype.nbytes + 8 * shape.optimizer_slots)
         compute = (bag_bytes + update) / topo.device_bw_bytes_per_s
-        return ShardCost(device, 0, compute, comm)
+        return ShardCost(rows * row_bytes + buffers, 0, compute, comm)
 
     cached = min(cache_rows, rows)
     hit = t.cache_hit_rate if t.cache_hit_rate is not None else cached / rows
-    device = cached * cols * per_elem + buffers
-    host = rows * cols * (t.dtype.nbytes + 4 * shape.optimizer_slots)
     # a miss brings the row and its optimizer state in and writes an evicted one back
-    miss_bytes = 2 * ids * (1.0 - hit) * cols * (t.dtype.nbytes + 4 * shape.optimizer_slots)
-    # the cache updates only the rows it touched (sparse_step), not the whole table
-    compute = (bag_bytes / topo.device_bw_bytes_per_s
-               + ids * cols * (2 * t.dtype.nbytes + 8 * shape.optimizer_slots) / topo.device_bw_bytes_per_s
+    miss_bytes = 2 * ids * (1.0 - hit) * row_bytes
+    compute = ((bag_bytes + update) / topo.device_bw_bytes_per_s
                + miss_bytes / topo.host_to_device_bw_bytes_per_s)
-    return ShardCost(device, host, compute, comm)
+    return ShardCost(cached * row_bytes + buffers, rows * row_bytes, compute, comm)

@@ -35,9 +35,9 @@ import pyarrow as pa
 import torch
 from torchdata.nodes import BaseNode, Loader, Prefetcher
 
-from engine.config import HeadraceConfig
-from engine.errors import TrainerError
 from trainer.batch import Jagged, TrainBatch
+from trainer.config import TrainSpec
+from trainer.errors import TrainerError
 
 __all__ = [
     "Cursor", "CachedBatchLike", "BatchLayout", "Piece", "TrainItem", "BatchBuilder",
@@ -78,7 +78,7 @@ class BatchLayout:
     sparse_rows: tuple[int, ...]
 
     @classmethod
-    def from_config(cls, cfg: HeadraceConfig) -> "BatchLayout":
+    def from_config(cls, cfg: TrainSpec) -> "BatchLayout":
         return cls(
             label=cfg.schema.label,
             dense=tuple(d.name for d in cfg.schema.dense),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import TrainerError
+from trainer.errors import TrainerError
 
 __all__ = ["resolve_device"]
 

@@ -17,8 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from engine.config.sharding import DeviceKind
-from engine.errors import TrainerError
+from trainer.config import DeviceKind
+from trainer.errors import TrainerError
 
 __all__ = ["DistContext", "init_from_env", "init_process_group", "detect_device_kind", "backend_for"]
 

@@ -1,21 +1,68 @@
 """The embedding-collection interface every table placement implements, and the plain one.
 
 A collection maps ``{feature: Jagged}`` to pooled embeddings ``[B, F, D]`` in the order of
-``feature_names``. The plain ``EmbeddingBagCollection`` keeps every table in one process;
-sharded (``trainer.sharding``) and SSD-cached (``trainer.cached_embedding``) collections
-implement the same interface so the DLRM does not care where rows live.
+``feature_names`` (``EmbeddingCollection``). The plain ``EmbeddingBagCollection`` keeps
+every table in one process; fused (``trainer.fused_embedding``), sharded
+(``trainer.sharding``) and SSD-cached (``trainer.cached_embedding``) collections implement
+the same interface so the DLRM does not care where rows live.
+
+What a collection does besides ``forward`` it declares in ``capabilities``
+(``CollectionCapabilities``); the loop and the checkpoints read that declaration
+(``capabilities_of``) instead of probing for methods:
+
+* ``sparse_step``: it updates its own rows; ``sparse_step()`` is called after ``backward()``.
+* ``prefetch``: ``prefetch(next_sparse)`` right after the forward pass lets the next batch's
+  rows or ids travel while this step computes.
+* ``flush``: ``flush()`` before a checkpoint writes what it holds back to its store.
+* ``own_checkpoint_state``: its rows are not in ``state_dict()``; a checkpoint stores
+  ``checkpoint_state()`` and restores it with ``load_checkpoint_state(state)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from trainer.batch import Jagged
+from transforms.config import SchemaConfig
 
-__all__ = ["TableSpec", "EmbeddingBagCollection", "shared_dim", "init_rows"]
+__all__ = [
+    "TableSpec", "CollectionCapabilities", "EmbeddingCollection", "capabilities_of",
+    "EmbeddingBagCollection", "table_specs", "shared_dim", "init_rows",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionCapabilities:
+    """What an embedding collection does besides ``forward`` (see the module docstring)."""
+
+    sparse_step: bool = False
+    prefetch: bool = False
+    flush: bool = False
+    own_checkpoint_state: bool = False
+
+
+@runtime_checkable
+class EmbeddingCollection(Protocol):
+    """The interface of every embedding collection (an ``nn.Module``)."""
+
+    feature_names: tuple[str, ...]
+    dim: int
+    capabilities: CollectionCapabilities
+
+    def forward(self, sparse: dict[str, Jagged]) -> torch.Tensor: ...
+
+
+_NONE = CollectionCapabilities()
+
+
+def capabilities_of(collection: object) -> CollectionCapabilities:
+    """The capabilities ``collection`` declares; none for a collection that declares none
+    (e.g. a user's own module) or for no collection at all."""
+    return getattr(collection, "capabilities", _NONE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +74,20 @@ class TableSpec:
     dim: int
 
 
+def table_specs(schema: SchemaConfig, embedding_dim: int) -> list[TableSpec]:
+    """One ``TableSpec`` per ``[[schema.sparse]]`` feature, in schema order; a feature's
+    ``dim = 0`` means ``trainer.embedding_dim`` (the one place that default is applied)."""
+    return [TableSpec(s.name, s.rows, s.dim or embedding_dim) for s in schema.sparse]
+
+
 class EmbeddingBagCollection(nn.Module):
     """One ``nn.EmbeddingBag`` (sum pooling) per feature, all in this process.
 
     Rows start from a deterministic uniform(-1/sqrt(rows)... ) init seeded per table so that
     sharded and cached collections can reproduce the same initial rows (see ``init_rows``).
     """
+
+    capabilities = CollectionCapabilities()
 
     def __init__(self, tables: list[TableSpec] | tuple[TableSpec, ...], seed: int = 0):
         super().__init__()

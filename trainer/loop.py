@@ -26,16 +26,18 @@ batches (follow mode), so the loop ends within the cache's poll interval; a chec
 written. A non-finite loss raises ``TrainerError`` naming the cache seqs of the batch, without
 writing a checkpoint (the last good one stays the newest).
 
-Extension points: ``trainer.distributed_loop.DistributedTrainer`` runs this same loop on every
-rank of a ``torchrun`` job by overriding a few small hooks (``_prepare``, ``_scaled_loss``,
-``_global_scores``, ``_agree_to_stop``, ``_bounded_end_seq``, ``_open_cache``,
-``_checkpoint_manager``, ``_look_ahead``, ``is_main``); their defaults here are the
-single-process behaviour. A hook that returns None from ``_prepare`` skips that training
-batch (its rows count as ``skipped_rows``; only a multi-rank job does that).
+Composition: the loop is built from an embedding collection, whose declared
+``capabilities`` (``trainer.embedding.CollectionCapabilities``) say whether it updates its own
+rows, prefetches, flushes or checkpoints itself, and a step strategy
+(``trainer.step_strategy``): ``LocalStep`` by default, ``DistributedStep`` on every rank of a
+``torchrun`` job (``trainer.distributed_loop.DistributedTrainer``). A strategy whose
+``prepare`` returns None skips that training batch (its rows count as ``skipped_rows``; only
+a multi-rank job does that).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import os
@@ -46,15 +48,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from engine.config import HeadraceConfig
-from engine.errors import TrainerError
 from storage.batch_cache import BatchCache
 from trainer.batch import TrainBatch
-from trainer.checkpoint import CheckpointManager, LoadedCheckpoint
-from trainer.data import BatchLayout, Cursor, TrainItem, TrainingStream
+from trainer.checkpoint import LoadedCheckpoint
+from trainer.config import Precision, TrainSpec
+from trainer.data import BatchLayout, Cursor, TrainingStream, TrainItem
 from trainer.device import resolve_device
+from trainer.errors import TrainerError
+from trainer.embedding import capabilities_of
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import DLRM
+from trainer.model import DLRM, fused_embeddings_from_config
+from trainer.step_strategy import LocalStep, StepStrategy
 from trainer.optim import build_optimizer, supports_sparse_gradients, use_sparse_gradients
 
 __all__ = ["ContinuousTrainer", "StopReason", "MappingChangeHook", "READER_NAME"]
@@ -83,7 +87,7 @@ class ContinuousTrainer:
     thread. ``run`` may be called once per instance.
     """
 
-    def __init__(self, cfg: HeadraceConfig, cache_path: str | os.PathLike[str] | None = None, *,
+    def __init__(self, cfg: TrainSpec, cache_path: str | os.PathLike[str] | None = None, *,
                  follow: bool = False,
                  stop: Callable[[], bool] | threading.Event | None = None,
                  embeddings: nn.Module | None = None,
@@ -93,7 +97,8 @@ class ContinuousTrainer:
                  progress_every_batches: int = 50,
                  max_batches: int | None = None,
                  keep_checkpoints: int = 3,
-                 poll_interval_s: float = 0.05):
+                 poll_interval_s: float = 0.05,
+                 strategy: StepStrategy | None = None):
         if progress_every_batches < 1:
             raise ValueError(f"progress_every_batches must be >= 1, got {progress_every_batches}")
         if max_batches is not None and max_batches < 0:
@@ -112,65 +117,41 @@ class ContinuousTrainer:
         self.max_batches = max_batches
         self.poll_interval_s = poll_interval_s
 
+        t = cfg.trainer
         if embeddings is None and cfg.row_cache.enabled and cfg.schema.sparse:
             embeddings = _row_cached_embeddings(cfg, self.device)
+        if embeddings is None and cfg.schema.sparse:
+            embeddings = fused_embeddings_from_config(cfg, self.device)
         self.model = DLRM.from_config(cfg, embeddings).to(self.device)
-        if self.model.embeddings is not None and supports_sparse_gradients(cfg.trainer.optimizer):
-            # Only parameters of torch embedding modules are switched; collections that
-            # update their own rows (sparse_step) are unaffected.
+        if self.model.embeddings is not None and supports_sparse_gradients(t.dense_optimizer_kind):
+            # A collection of torch embedding modules passed in (whose parameters the dense
+            # optimizer trains) gets sparse gradients; collections that update their own rows
+            # (sparse_step) have no such modules and are unaffected.
             use_sparse_gradients(self.model.embeddings)
-        self.optimizer = build_optimizer(cfg.trainer.optimizer, self.model.parameters(),
-                                         cfg.trainer.learning_rate)
-        # What the step calls for the forward pass: the model itself here, its DDP wrapper in
-        # the distributed trainer (``self.model`` stays the bare DLRM either way).
-        self.forward_model: nn.Module = self.model
+        # The dense optimizer sees only nn.Parameters: fused, cached and sharded tables keep
+        # their rows in buffers and update them in sparse_step() with their own optimizer.
+        self.optimizer = build_optimizer(t.dense_optimizer_kind, self.model.parameters(), t.dense_lr)
+        self.autocast_dtype = _configure_precision(t.precision, self.device)
         self.metrics = ProgressiveMetrics(cfg.trainer.metrics_window)
-        self.checkpoints = self._checkpoint_manager(keep_checkpoints)
+        self.strategy: StepStrategy = strategy if strategy is not None else LocalStep()
+        self.caps = capabilities_of(self.model.embeddings)
+        self.checkpoints = self.strategy.checkpoint_manager(cfg, keep_checkpoints)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # Totals since the first run of this checkpoint lineage.
         self.total_batches = 0
         self.total_samples = 0
         self.mapping_version: int | None = None
         self.cursor = Cursor()
+        self._pending_reader_seq: dict = {}  # checkpoint path -> its cursor seq, until durable
         self._ran = False
-
-    # -- hooks (single-process defaults; see trainer.distributed_loop) -------------------
+        # What the step calls for the forward pass: the model itself, or its DDP wrapper
+        # (``self.model`` stays the bare DLRM either way).
+        self.forward_model: nn.Module = self.strategy.forward_model(self.model)
 
     @property
     def is_main(self) -> bool:
         """Whether this process reports progress and registers the cache reader position."""
-        return True
-
-    def _look_ahead(self) -> bool:
-        """Read one batch ahead and hand it to the collection's ``prefetch`` (module docstring)."""
-        return callable(getattr(self.model.embeddings, "prefetch", None))
-
-    def _checkpoint_manager(self, keep: int) -> CheckpointManager:
-        return CheckpointManager(self.cfg.trainer.checkpoint_dir, self.cfg, keep=keep)
-
-    def _prepare(self, item: TrainItem) -> TrainBatch | None:
-        """The batch this process trains on for ``item`` (on the device), or None when every
-        process skips the item (never here)."""
-        return self._to_device(item)
-
-    def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
-        """The loss whose gradient this process back-propagates for a batch of ``global_rows``."""
-        return self.loss_fn(logits, labels)
-
-    def _global_scores(self, logits: torch.Tensor, loss: torch.Tensor, global_rows: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits of the whole training batch in row order, its mean loss), both detached."""
-        return logits, loss
-
-    def _agree_to_stop(self, current: TrainItem | None, upcoming: TrainItem | None) -> bool:
-        """Called once per loop turn after reading; True ends the run without training
-        ``current``. Every process of a job must get the same answer."""
-        return self._user_stop()
-
-    def _bounded_end_seq(self, cache: BatchCache) -> int | None:
-        """The last cache seq a bounded (``follow=False``) read may reach; None = wherever the
-        cache ends when the reader gets there."""
-        return None
+        return self.strategy.is_main
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -191,17 +172,30 @@ class ContinuousTrainer:
             self.mapping_version = None if mv is None else int(mv)
         return loaded
 
-    def _save(self, cache: BatchCache) -> str:
-        flush = getattr(self.model.embeddings, "flush", None)
-        if callable(flush):
-            flush()
+    def _save(self, cache: BatchCache, background: bool = False) -> str:
+        """Checkpoint now (in the background when asked and possible). The cache reader
+        position registered for retention moves to this checkpoint's cursor only once the
+        checkpoint is durable (``_register_durable``)."""
+        if self.caps.flush:
+            self.model.embeddings.flush()
         path = self.checkpoints.save(self.model, self.optimizer, cursor=self.cursor,
-                                     metrics=self.metrics, counters=self._counters())
-        if self.is_main:
-            cache.set_reader_position(READER_NAME, self.cursor.seq)
+                                     metrics=self.metrics, counters=self._counters(),
+                                     background=background)
+        self._pending_reader_seq[path] = self.cursor.seq
+        self._register_durable(cache, self.checkpoints.completed())
         return str(path)
 
+    def _register_durable(self, cache: BatchCache, written: list) -> None:
+        """Move the retention reader position to the newest durable checkpoint in ``written``."""
+        seqs = [self._pending_reader_seq.pop(p) for p in written if p in self._pending_reader_seq]
+        if seqs and self.is_main:
+            cache.set_reader_position(READER_NAME, max(seqs))
+
     def _open_cache(self) -> BatchCache:
+        return self.strategy.open_cache(self._open_writable, lambda: self._cache_from_config(readonly=True),
+                                        self.cache_path)
+
+    def _open_writable(self) -> BatchCache:
         # Opened writable because registering the reader position is a (tiny) write; the
         # trainer never writes batches. A missing cache is an error unless following, where
         # the trainer may start before the pipeline has written anything.
@@ -210,32 +204,36 @@ class ContinuousTrainer:
                 f"no batch cache at {self.cache_path!r}; run the pipeline (serve/backfill) first "
                 "or point cache.path at an existing cache"
             )
-        return BatchCache(self.cache_path, map_size_bytes=self.cfg.cache.map_size_bytes)
+        return self._cache_from_config(readonly=False)
 
-    def _to_device(self, item: TrainItem) -> TrainBatch:
-        return item.batch.to(self.device, non_blocking=self.device.type == "cuda")
+    def _cache_from_config(self, readonly: bool) -> BatchCache:
+        """The cache described by ``cfg.cache`` (its durability and size settings) at
+        ``self.cache_path``."""
+        return BatchCache.from_config(dataclasses.replace(self.cfg.cache, path=self.cache_path),
+                                      readonly=readonly)
 
     def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None, global_rows: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``batch`` (already on the device); returns the (detached) pre-update
-        logits and the loss of the whole training batch (``_global_scores``). ``upcoming`` is
+        logits and the loss of the whole training batch (``StepStrategy.global_scores``). ``upcoming`` is
         handed to the collection's ``prefetch`` right after the forward pass, so its rows/ids
         travel while this step computes."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.forward_model(batch.dense, batch.sparse)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.forward_model(batch.dense, batch.sparse).float()
         if upcoming is not None:
             self.model.embeddings.prefetch(upcoming.sparse)
-        loss = self._scaled_loss(logits, batch.labels, global_rows)
+        loss = self.strategy.scaled_loss(self.loss_fn(logits, batch.labels), global_rows)
         loss.backward()
         # Sparse embedding gradients are built by autograd itself, so torch's invariant
         # checks would only cost time; opting out explicitly also silences its warning.
         with torch.sparse.check_sparse_tensor_invariants(enable=False):
             self.optimizer.step()
-        sparse_step = getattr(self.model.embeddings, "sparse_step", None)
-        if callable(sparse_step):
-            sparse_step()
-        return self._global_scores(logits.detach(), loss.detach(), global_rows)
+        if self.caps.sparse_step:
+            self.model.embeddings.sparse_step()
+        return self.strategy.global_scores(logits.detach(), loss.detach(), global_rows)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -256,13 +254,16 @@ class ContinuousTrainer:
         try:
             return self._run(cache, loaded)
         finally:
+            # A background checkpoint in flight is finished (or its error raised) before the
+            # process goes on: an exit right after run() must not cut it short.
+            self.checkpoints.wait()
             cache.close()
 
     def _run(self, cache: BatchCache, loaded: LoadedCheckpoint | None) -> dict[str, Any]:
         if self.is_main:
             cache.set_reader_position(READER_NAME, self.cursor.seq)
         stopping = threading.Event()
-        end_seq = None if self.follow else self._bounded_end_seq(cache)
+        end_seq = None if self.follow else self.strategy.bounded_end_seq(cache)
 
         def stop() -> bool:
             return stopping.is_set() or self._user_stop()
@@ -312,14 +313,14 @@ class ContinuousTrainer:
         t0 = time.perf_counter()
         last_progress_t, last_progress_samples = t0, 0
         it = iter(stream)
-        look_ahead = self._look_ahead()
+        look_ahead = self.strategy.look_ahead(self.caps)
 
         def fetch() -> tuple[TrainItem, TrainBatch | None] | None:
             nonlocal data_wait_s
             w0 = time.perf_counter()
             nxt = next(it, None)
             data_wait_s += time.perf_counter() - w0
-            return None if nxt is None else (nxt, self._prepare(nxt))
+            return None if nxt is None else (nxt, self.strategy.prepare(nxt, self.device))
 
         try:
             current = None
@@ -332,7 +333,7 @@ class ContinuousTrainer:
                     current = fetch()
                 upcoming = fetch() if look_ahead and current is not None and not self._user_stop() \
                     else None
-                if self._agree_to_stop(None if current is None else current[0],
+                if self.strategy.agree_to_stop(self._user_stop(), None if current is None else current[0],
                                        None if upcoming is None else upcoming[0]):
                     # Batches read but not trained stay unread: resume reads them again.
                     reason = StopReason.STOPPED
@@ -345,7 +346,7 @@ class ContinuousTrainer:
                 n = item.batch.batch_size
                 skipped += item.skipped_batches
                 if batch is None:
-                    # Every process skips it alike (see _prepare); its rows count as read.
+                    # Every process skips it alike (see StepStrategy.prepare); its rows count as read.
                     self.cursor = item.cursor
                     skipped_rows += n
                     continue
@@ -370,8 +371,9 @@ class ContinuousTrainer:
                     drain()
                 if since_save >= self.cfg.trainer.checkpoint_every_batches:
                     drain()
-                    last_checkpoint = self._save(cache)
+                    last_checkpoint = self._save(cache, background=self.cfg.trainer.checkpoint_background)
                     since_save = 0
+                self._register_durable(cache, self.checkpoints.completed())
                 if self.on_progress is not None and self.is_main and \
                         run_batches % self.progress_every_batches == 0:
                     drain()
@@ -384,9 +386,13 @@ class ContinuousTrainer:
             stopping.set()
             stream.close()
         drain()
+        # The training time ends here: the final checkpoint is reported on its own
+        # (final_checkpoint_s), so samples_per_s is the rate of training alone.
+        elapsed = time.perf_counter() - t0
+        self._register_durable(cache, self.checkpoints.wait())
         if since_save or self.checkpoints.latest() is None:
             last_checkpoint = self._save(cache)
-        elapsed = time.perf_counter() - t0
+        final_checkpoint_s = time.perf_counter() - t0 - elapsed
         out = self._progress(run_samples, elapsed, run_samples / elapsed if elapsed > 0 else 0.0,
                              data_wait_s)
         out.update({
@@ -397,6 +403,8 @@ class ContinuousTrainer:
             "device": str(self.device),
             "resumed_from": None if loaded is None else str(loaded.path),
             "checkpoint": last_checkpoint,
+            "final_checkpoint_s": final_checkpoint_s,
+            **self.strategy.describe(),
         })
         return out
 
@@ -418,7 +426,7 @@ class ContinuousTrainer:
         }
 
 
-def _row_cached_embeddings(cfg: HeadraceConfig, device: torch.device) -> nn.Module:
+def _row_cached_embeddings(cfg: TrainSpec, device: torch.device) -> nn.Module:
     """The SSD-backed collection ``[row_cache] enabled = true`` asks for. The DLRM takes one
     collection serving every sparse feature, so all of them must be cached."""
     from trainer.cached_embedding import build_cached_embeddings
@@ -431,3 +439,15 @@ def _row_cached_embeddings(cfg: HeadraceConfig, device: torch.device) -> nn.Modu
             "row_cache.tables empty (cache every table) or disable [row_cache]"
         )
     return build_cached_embeddings(cfg, device=device)
+
+
+def _configure_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Set up ``[trainer] precision`` for ``device``; returns the autocast dtype (None: no
+    autocast). ``tf32`` lets CUDA matmuls and convolutions use TF32 tensor cores (a process-
+    wide torch setting; on a CPU it changes nothing); ``bf16`` autocasts the MLPs and the
+    interaction (embedding lookups and the loss stay fp32 under autocast's rules)."""
+    if device.type == "cuda":
+        tf32 = precision is Precision.TF32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return torch.bfloat16 if precision is Precision.BF16 else None

@@ -9,9 +9,9 @@ each id survives the change:
 * Each new row becomes the **access-weighted mean** of the old values of its member ids
   (the ids the new mapping sends to it), divided by the new mapping's lookups so that a
   two-lookup id's summed rows again equal the mean. Weights are the ids' access counts.
-* Optimizer state tensors shaped like the table (Adagrad's ``sum``, Adam's ``exp_avg`` /
-  ``exp_avg_sq``, SGD momentum) become the access-weighted mean of the *mean* of the old
-  state rows of the member ids (state is per row, not summed by the bag).
+* Optimizer state rows (row-wise Adagrad's one accumulator per row, Adagrad's ``sum``,
+  Adam's ``exp_avg`` / ``exp_avg_sq``, SGD momentum) become the access-weighted mean of the
+  *mean* of the old state rows of the member ids (state is per row, not summed by the bag).
 * Rows no known id maps to (the reserved range for unseen ids, hashed ranges of unseen
   ids) get the access-weighted mean over all known ids (a "typical id"), divided by the new
   lookups for weights.
@@ -19,6 +19,12 @@ each id survives the change:
 Only ids in the statistics move; everything is done in place (same table shapes: a
 mapping version never changes a table's row count), in chunks of ``chunk_ids`` ids so
 memory stays ``O(rows * dim + chunk_ids * dim)``. Deterministic for fixed inputs.
+
+Where the tables are (``model_tables`` in a live model: the fused collection's per-table
+views of its buffer and optimizer state, or a plain collection's ``nn.EmbeddingBag`` weights
+and their torch optimizer state; ``checkpoint_tables`` in the newest checkpoint, for a
+learned fit's id vectors) is decided here, next to the migration that rewrites them, so
+callers never name state-dict keys.
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import TrainerError
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import TrainSpec
+from trainer.embedding import EmbeddingBagCollection
+from trainer.errors import TrainerError
+from trainer.fused_embedding import FusedEmbeddingBagCollection
 
-__all__ = ["MapperLike", "migrate_table", "migrate_model", "table_parameters"]
+__all__ = ["MapperLike", "migrate_table", "migrate_model", "model_tables", "checkpoint_tables"]
 
 
 class MapperLike(Protocol):
@@ -49,25 +59,29 @@ def _rows(mapper: MapperLike, ids: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def migrate_table(weight: torch.Tensor, states: list[torch.Tensor], old: MapperLike, new: MapperLike,
                   ids: np.ndarray, counts: np.ndarray, *, chunk_ids: int = 1 << 20) -> None:
-    """Rewrite ``weight`` [rows, dim] and each tensor in ``states`` (same shape) in place for
-    the change ``old`` -> ``new`` mapping, using ids with access ``counts`` (see module
-    docstring). ``weight``'s rows must equal both mappers' rows."""
+    """Rewrite ``weight`` [rows, dim] and each tensor in ``states`` ([rows] or [rows, k]: one
+    state row per table row) in place for the change ``old`` -> ``new`` mapping, using ids
+    with access ``counts`` (see module docstring). ``weight``'s rows must equal both mappers'
+    rows."""
     if weight.dim() != 2 or weight.shape[0] != old.rows or old.rows != new.rows:
         raise TrainerError(
             f"row migration: table shape {tuple(weight.shape)} must be [rows, dim] with rows equal to "
             f"the old ({old.rows}) and new ({new.rows}) mappings' rows"
         )
     for s in states:
-        if s.shape != weight.shape:
-            raise TrainerError(f"row migration: optimizer state {tuple(s.shape)} is not shaped like the table")
+        if s.dim() not in (1, 2) or s.shape[0] != weight.shape[0]:
+            raise TrainerError(f"row migration: optimizer state {tuple(s.shape)} has not one row per "
+                               f"table row ({weight.shape[0]})")
+    # [rows] state (one value per row) as a [rows, 1] view: written through in place
+    states = [s.unsqueeze(1) if s.dim() == 1 else s for s in states]
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     # a floor so ids counted zero times still move; keeps every weight positive
     w_all = torch.from_numpy(np.asarray(counts, dtype=np.float64)).clamp_min(0.0) + 1e-6
-    rows, dim = weight.shape
+    rows = weight.shape[0]
     dev = weight.device
     tensors = [weight] + list(states)
-    num = [torch.zeros(rows, dim, dtype=torch.float64, device=dev) for _ in tensors]
-    glob = [torch.zeros(dim, dtype=torch.float64, device=dev) for _ in tensors]
+    num = [torch.zeros(rows, t.shape[1], dtype=torch.float64, device=dev) for t in tensors]
+    glob = [torch.zeros(t.shape[1], dtype=torch.float64, device=dev) for t in tensors]
     den = torch.zeros(rows, dtype=torch.float64, device=dev)
     total = 0.0
     for lo in range(0, ids.shape[0], chunk_ids):
@@ -89,7 +103,7 @@ def migrate_table(weight: torch.Tensor, states: list[torch.Tensor], old: MapperL
     lookups = float(new.lookups)
     members = den > 0
     for t, (dst, acc) in enumerate(zip(tensors, num)):
-        out = torch.empty(rows, dim, dtype=torch.float64, device=dev)
+        out = torch.empty(rows, dst.shape[1], dtype=torch.float64, device=dev)
         out[members] = acc[members] / den[members][:, None]
         out[~members] = (glob[t] / total) if total > 0 else dst[~members].to(torch.float64)
         if t == 0:
@@ -97,18 +111,61 @@ def migrate_table(weight: torch.Tensor, states: list[torch.Tensor], old: MapperL
         dst.copy_(out.to(dst.dtype))
 
 
-def table_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The embedding table parameter of each feature of ``model.embeddings`` (the plain
-    ``trainer.embedding.EmbeddingBagCollection``: one ``nn.EmbeddingBag`` per feature)."""
-    emb = getattr(model, "embeddings", model)
-    bags = getattr(emb, "bags", None)
-    if bags is None or not hasattr(emb, "feature_names"):
-        raise TrainerError(
-            f"row migration supports embedding collections with per-feature nn.EmbeddingBag "
-            f"tables ('bags'); {type(emb).__name__} keeps its rows elsewhere. Disable the "
-            "periodic re-fit ([hash] refit_every_s = 0) for this placement"
-        )
-    return {name: bags[name].weight for name in emb.feature_names}
+def model_tables(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+                 ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """``{feature: (table rows [rows, dim], [optimizer state with one row per table row])}``
+    of ``model.embeddings``, as tensors that write through to the model: the fused
+    collection's views into its buffer and state, or a plain collection's ``nn.EmbeddingBag``
+    weights and the state ``optimizer`` keeps for them."""
+    emb = getattr(model, "embeddings", model)  # a DLRM, or a collection itself
+    if isinstance(emb, FusedEmbeddingBagCollection):
+        out = {}
+        for t, start in zip(emb.tables, emb.table_starts):
+            states = [s[start:start + t.rows] for s in emb.optimizer_state().values()]
+            out[t.name] = (emb.weights[start:start + t.rows], states)
+        return out
+    if isinstance(emb, EmbeddingBagCollection):
+        out = {}
+        for name in emb.feature_names:
+            weight = emb.bags[name].weight
+            st = optimizer.state.get(weight, {}) if optimizer is not None else {}
+            out[name] = (weight.data, [v for v in st.values() if torch.is_tensor(v) and v.shape == weight.shape])
+        return out
+    raise TrainerError(
+        f"row migration supports the plain (fused) embedding collection; {type(emb).__name__} "
+        "keeps its rows elsewhere (sharded or SSD-cached). Disable the periodic re-fit "
+        "([hash] refit_every_s = 0) for this placement"
+    )
+
+
+def _checkpoint_table_rows(state: Mapping[str, Any], spec: TrainSpec) -> dict[str, torch.Tensor]:
+    """Per-feature table rows in a checkpoint's model state: the fused buffer
+    (``embeddings.weights``, split by the tables its extra state lists) or per-feature bags."""
+    fused = state.get("embeddings.weights")
+    extra = state.get("embeddings._extra_state")
+    if fused is not None and isinstance(extra, dict):
+        out, start = {}, 0
+        for name, rows, _dim in extra["tables"]:
+            out[name] = fused[start:start + rows]
+            start += rows
+        return out
+    return {s.name: state[f"embeddings.bags.{s.name}.weight"] for s in spec.schema.sparse
+            if f"embeddings.bags.{s.name}.weight" in state}
+
+
+def checkpoint_tables(spec: TrainSpec) -> tuple[dict[str, np.ndarray], int | None]:
+    """Embedding tables ``{feature: float32 [rows, dim]}`` of the newest checkpoint in
+    ``spec.trainer.checkpoint_dir`` and the mapping version they were trained under.
+    ``({}, None)`` without a checkpoint; ``{}`` tables when the checkpoint's embeddings are
+    kept by a sharded or cached collection (their rows are not in the state dict)."""
+    latest = latest_checkpoint(spec.trainer.checkpoint_dir)
+    if latest is None:
+        return {}, None
+    blob = torch.load(latest, map_location="cpu", weights_only=True)
+    rows = _checkpoint_table_rows(blob.get("model", {}), spec)
+    tables = {s.name: rows[s.name].float().numpy() for s in spec.schema.sparse if s.name in rows}
+    mv = blob.get("counters", {}).get("mapping_version")
+    return tables, (None if mv is None else int(mv))
 
 
 def migrate_model(model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -117,19 +174,14 @@ def migrate_model(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     """Migrate every feature whose mapper changed (``old[f]`` vs ``new[f]`` differ or are
     different objects) using ``stats[f] = (ids, counts)``; optimizer state of those tables
     is migrated likewise. Returns ``{feature: ids_moved}`` for the migrated features."""
-    params = table_parameters(model)
     report: dict[str, Any] = {}
-    for feature, weight in params.items():
+    for feature, (weight, states) in model_tables(model, optimizer).items():
         if feature not in old or feature not in new:
             raise TrainerError(f"row migration: mapping sets lack feature {feature!r}")
         o, n = old[feature], new[feature]
         if o is n or o == n:
             continue
         ids, counts = stats.get(feature, (np.zeros(0, np.int64), np.zeros(0)))
-        states = []
-        if optimizer is not None:
-            st = optimizer.state.get(weight, {})
-            states = [v for v in st.values() if torch.is_tensor(v) and v.shape == weight.shape]
-        migrate_table(weight.data, [s for s in states], o, n, ids, counts)
+        migrate_table(weight, states, o, n, ids, counts)
         report[feature] = int(np.asarray(ids).shape[0])
     return report

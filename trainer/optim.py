@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from engine.config import OptimizerKind
+from trainer.config import OptimizerKind
 
 __all__ = ["build_optimizer", "supports_sparse_gradients", "use_sparse_gradients"]
 

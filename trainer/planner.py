@@ -42,13 +42,12 @@ import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
-from engine.config import HeadraceConfig
-from engine.config.core import OptimizerKind
-from engine.config.row_cache import RowOptimizerKind
-from engine.config.sharding import CommPrecision, DeviceKind, ShardingType
-from engine.errors import ConfigError
-from engine.errors import PlanError
+from trainer.config import (
+    CommPrecision, DeviceKind, OptimizerKind, RowOptimizerKind, ShardingType, SparseOptimizerKind, TrainSpec,
+)
 from trainer.cost_model import DType, ShardCost, StepShape, TableStats, shard_cost, table_bytes
+from trainer.embedding import table_specs
+from trainer.errors import PlanError, TrainerConfigError
 from trainer.topology import Topology
 
 __all__ = [
@@ -122,9 +121,8 @@ class PlannerOptions:
     """Knobs of the planner (``plan_from_config`` fills them from the config)."""
 
     global_batch_size: int
-    optimizer_slots: int = 1
-    sparse_updates: bool = False  # see cost_model.StepShape
-    dtype: DType = DType.FP32
+    sparse_optimizer: SparseOptimizerKind = SparseOptimizerKind.ROWWISE_ADAGRAD
+    dense_optimizer_slots: int = 1  # see cost_model.StepShape
     comm_precision: CommPrecision = CommPrecision.FP32
     memory_headroom_fraction: float = 0.2
     data_parallel_max_bytes: int = 4 << 20
@@ -315,8 +313,8 @@ def plan(tables: Sequence[TableStats], topology: Topology, options: PlannerOptio
     unknown = sorted(set(options.forced) - set(names))
     if unknown:
         raise PlanError(f"[sharding] tables names unknown table(s) {unknown}; tables: {names}")
-    shape = StepShape(options.global_batch_size, options.optimizer_slots,
-                      4 if options.comm_precision is CommPrecision.FP32 else 2, options.sparse_updates)
+    shape = StepShape(options.global_batch_size, options.sparse_optimizer,
+                      4 if options.comm_precision is CommPrecision.FP32 else 2, options.dense_optimizer_slots)
     budget = int(topology.device_memory_bytes * (1.0 - options.memory_headroom_fraction))
     loads = _Loads(topology, budget)
     W = topology.world_size
@@ -423,10 +421,10 @@ def _infeasible(t: TableStats, cands: list[_Candidate], tables: Sequence[TableSt
     )
 
 
-_OPTIMIZER_SLOTS = {OptimizerKind.SGD: 0, OptimizerKind.ADAGRAD: 1, OptimizerKind.ADAM: 2}
+_DENSE_OPTIMIZER_SLOTS = {OptimizerKind.SGD: 0, OptimizerKind.ADAGRAD: 1, OptimizerKind.ADAM: 2}
 
 
-def tables_stats_from_config(cfg: HeadraceConfig,
+def tables_stats_from_config(cfg: TrainSpec,
                              stats: Mapping[str, Mapping[str, float]] | None = None) -> list[TableStats]:
     """One ``TableStats`` per sparse feature in schema order. ``stats``: measured values per
     feature (keys ``pooling_factor``, ``access_frequency``, ``cache_hit_rate``), e.g. from the
@@ -434,20 +432,20 @@ def tables_stats_from_config(cfg: HeadraceConfig,
     ``max_values`` per sample and a single-valued one exactly one id."""
     out = []
     stats = stats or {}
-    for s in cfg.schema.sparse:
+    for s, table in zip(cfg.schema.sparse, table_specs(cfg.schema, cfg.trainer.embedding_dim)):
         st = dict(stats.get(s.name, {}))
         bad = sorted(set(st) - {"pooling_factor", "access_frequency", "cache_hit_rate"})
         if bad:
-            raise ConfigError(f"table statistics for {s.name!r}: unknown key(s) {bad}")
+            raise TrainerConfigError(f"table statistics for {s.name!r}: unknown key(s) {bad}")
         pooling = st.get("pooling_factor", max(1.0, s.max_values / 2) if s.multi else 1.0)
-        out.append(TableStats(s.name, s.rows, s.dim or cfg.trainer.embedding_dim,
+        out.append(TableStats(s.name, s.rows, table.dim, dtype=DType(cfg.trainer.embedding_dtype.value),
                               pooling_factor=float(pooling),
                               access_frequency=float(st.get("access_frequency", 1.0)),
                               cache_hit_rate=st.get("cache_hit_rate")))
     return out
 
 
-def cache_rows_from_config(cfg: HeadraceConfig) -> dict[str, int]:
+def cache_rows_from_config(cfg: TrainSpec) -> dict[str, int]:
     """Tables that ``[row_cache]`` covers -> rows of their device cache (``cache_rows``, or
     as many rows with their row-wise optimizer state as fit in ``cache_bytes``); empty when
     the row cache is off. The planner places exactly those tables as CACHED."""
@@ -457,19 +455,18 @@ def cache_rows_from_config(cfg: HeadraceConfig) -> dict[str, int]:
     names = rc.tables or tuple(s.name for s in cfg.schema.sparse)
     unknown = sorted(set(names) - {s.name for s in cfg.schema.sparse})
     if unknown:
-        raise ConfigError(f"row_cache.tables names {unknown}, which are not [[schema.sparse]] features")
+        raise TrainerConfigError(f"row_cache.tables names {unknown}, which are not [[schema.sparse]] features")
     state_floats = 1 if rc.optimizer is RowOptimizerKind.ROWWISE_ADAGRAD else 0
     out = {}
-    for s in cfg.schema.sparse:
-        if s.name not in names:
+    for table in table_specs(cfg.schema, cfg.trainer.embedding_dim):
+        if table.name not in names:
             continue
-        dim = s.dim or cfg.trainer.embedding_dim
         # the same sizing as trainer.cached_embedding: fp32 row + its row-wise state
-        out[s.name] = min(s.rows, rc.cache_rows_for(4 * (dim + state_floats)))
+        out[table.name] = min(table.rows, rc.cache_rows_for(4 * (table.dim + state_floats)))
     return out
 
 
-def plan_from_config(cfg: HeadraceConfig, world_size: int, device: DeviceKind | str | None = None,
+def plan_from_config(cfg: TrainSpec, world_size: int, device: DeviceKind | str | None = None,
                      stats: Mapping[str, Mapping[str, float]] | None = None,
                      cache_rows: Mapping[str, int] | None = None) -> Plan:
     """The plan ``headrace plan`` prints and every rank of ``headrace train`` builds.
@@ -486,24 +483,23 @@ def plan_from_config(cfg: HeadraceConfig, world_size: int, device: DeviceKind | 
         try:
             device = DeviceKind(device)
         except ValueError:
-            raise ConfigError(f"device {device!r} is not one of {[d.value for d in DeviceKind]}") from None
+            raise TrainerConfigError(f"device {device!r} is not one of {[d.value for d in DeviceKind]}") from None
     if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+        raise TrainerConfigError(f"world_size must be >= 1, got {world_size}")
     if cfg.trainer.batch_size < world_size:
-        raise ConfigError(
+        raise TrainerConfigError(
             f"trainer.batch_size {cfg.trainer.batch_size} is the global batch, split over "
             f"world_size {world_size} ranks: it must be at least {world_size}"
         )
     if not cfg.schema.sparse:
-        raise ConfigError("nothing to shard: the schema declares no [[schema.sparse]] features")
+        raise TrainerConfigError("nothing to shard: the schema declares no [[schema.sparse]] features")
     topo = Topology.for_device(device, world_size, devices_per_host=sh.devices_per_host,
                                device_memory_bytes=sh.device_memory_bytes,
                                host_memory_bytes=sh.host_memory_bytes)
     options = PlannerOptions(
         global_batch_size=cfg.trainer.batch_size,
-        optimizer_slots=_OPTIMIZER_SLOTS[cfg.trainer.optimizer],
-        # what build_sharded_embeddings does: sparse shard gradients where torch supports them
-        sparse_updates=cfg.trainer.optimizer in (OptimizerKind.ADAGRAD, OptimizerKind.SGD),
+        sparse_optimizer=cfg.trainer.sparse_optimizer_kind,
+        dense_optimizer_slots=_DENSE_OPTIMIZER_SLOTS[cfg.trainer.dense_optimizer_kind],
         comm_precision=sh.comm_precision,
         memory_headroom_fraction=sh.memory_headroom_fraction,
         data_parallel_max_bytes=sh.data_parallel_max_bytes,

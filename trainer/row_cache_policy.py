@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from engine.config.row_cache import RowCachePolicy
+from trainer.config import RowCachePolicy
 
 __all__ = ["EvictionPolicy", "LRUPolicy", "LFUPolicy", "make_policy", "RowCachePolicy"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.config.row_cache import RowOptimizerKind
+from trainer.config import RowOptimizerKind
 
 __all__ = ["RowOptimizerKind", "state_dim_of", "apply_row_update_", "RowWiseOptimizer"]
 

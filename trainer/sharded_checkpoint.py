@@ -2,13 +2,16 @@
 
 Layout of a checkpoint directory (one per checkpoint, written by every rank together)::
 
-    shards-rank00000-of-00004.pt   each rank's model-parallel shards: rows/cols + weights
-    ...                            + their optimizer state (same-shape tensors, e.g. Adagrad's
-                                   sum, Adam's moments) + scalar state (step)
-    dense.pt                       rank 0: dense parameters, buffers, replicated tables, and
-                                   their optimizer state, by parameter name
-    manifest.json                  written last by rank 0: world size, plan, files. A
-                                   directory without it is an incomplete checkpoint.
+    shards-rank00000-of-00004.pt   each rank's model-parallel shards, as pieces: table,
+    ...                            rows/cols, weights (the embedding dtype) and their sparse
+                                   optimizer state (fp32: one value per row for row-wise
+                                   Adagrad, else one per weight)
+    dense.pt                       rank 0: dense parameters and buffers and their (dense)
+                                   optimizer state, by name; replicated tables are pieces of
+                                   rank 0's shard file
+    manifest.json                  written last by rank 0: format, world size, plan, files,
+                                   the sparse optimizer and its step count. A directory
+                                   without it is an incomplete checkpoint.
 
 A cached table (rows on SSD, ``trainer.cached_embedding``) is flushed and saved as its row
 store's version; any rank may own it after a reshard because each cached table has its own
@@ -16,9 +19,12 @@ store directory (``row_cache.path/<table>``) that every rank of the host can ope
 
 Resharding: every target shard ``rows x cols`` is assembled from the intersections of all
 saved pieces of its table (files are opened with ``mmap`` so a rank reads only the bytes it
-needs), and every cell must be covered exactly once or ``CheckpointError`` names the gap.
-So a 4-rank checkpoint loads on 2 ranks, 1 rank, or under a different plan, with the same
-weights and optimizer state, and training continues as if nothing changed.
+needs), and every weight must be covered exactly once or ``CheckpointError`` names the gap.
+Optimizer state follows its weights: per-weight state (Adagrad, Adam) is sliced the same
+way; per-row state (row-wise Adagrad) by rows, from any piece that holds the row (the
+column shards of a table keep equal per-row state, see ``trainer.sharded_embedding``). So a
+4-rank checkpoint loads on 2 ranks, 1 rank, or under a different plan, with the same weights,
+optimizer state and step, and training continues as if nothing changed.
 
 Both functions are collectives over the default group (they barrier) when it is initialised.
 The directory must be visible to every rank (a shared or local filesystem on one host).
@@ -34,14 +40,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.errors import CheckpointError
-from trainer.sharded_embedding import ShardedEmbeddingCollection
+from storage.atomic import atomic_write, atomic_write_bytes
+from trainer.errors import CheckpointError
+from trainer.sharded_embedding import ShardedEmbeddingCollection, ShardView
 from trainer.sharding import find_sharded
 
 __all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "MANIFEST"]
 
 MANIFEST = "manifest.json"
-_FORMAT = 1
+# 2: shards in fused tables with their own sparse optimizer state (1: nn.Parameter shards
+# trained by the dense torch optimizer, whose state was saved beside them).
+_FORMAT = 2
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -71,15 +80,22 @@ def _opt_state(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> tupl
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # Atomic but not durable: ShardedCheckpointManager fsyncs every file and the directory
+    # once, after all ranks wrote, before it renames the directory into place.
+    atomic_write(path, lambda fh: torch.save(obj, fh), durable=False)
+
+
+def _embedding_tensors(emb: ShardedEmbeddingCollection) -> set[int]:
+    """Ids of the collection's parameters and buffers: stored as pieces, not in dense.pt."""
+    return {id(t) for t in emb.parameters()} | {id(t) for t in emb.buffers()}
 
 
 def save_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
-    """Write this rank's shards (and, on rank 0, the dense part and ``extra``) to
-    ``directory``; returns when every rank has written and the manifest exists."""
+    """Write this rank's shards (and, on rank 0, the replicated tables, the dense part and
+    ``extra``) to ``directory``; returns when every rank has written and the manifest exists.
+    ``optimizer`` is the dense optimizer; the embeddings' sparse optimizer state is the
+    collection's own."""
     directory = os.fspath(directory)
     net = _unwrap(model)
     emb = find_sharded(net)
@@ -87,57 +103,58 @@ def save_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
         raise CheckpointError("model has no ShardedEmbeddingCollection; use the plain checkpoint")
     os.makedirs(directory, exist_ok=True)
     pieces = []
-    for tp, s, p in emb.owned_shards():
-        full, scalar = _opt_state(optimizer, p)
-        pieces.append({"table": tp.name, "rows": [s.row_start, s.row_end], "cols": [s.col_start, s.col_end],
-                       "weight": p.detach().cpu().clone(), "optim": full, "optim_scalar": scalar})
+    for v in emb.shard_views():
+        if v.replicated and emb.rank != 0:
+            continue  # saved once, as whole-table pieces, so a later plan may shard them
+        pieces.append({"table": v.table, "rows": [v.row_start, v.row_end], "cols": [v.col_start, v.col_end],
+                       "weight": v.weight.detach().cpu().clone(),
+                       "state": {k: t.detach().cpu().clone() for k, t in v.state.items()}})
     for name, cached in emb.cached.items():
         # a cached table's rows are in its row store: the checkpoint names the store version
         cached.flush()
         pieces.append({"table": name, "cached": cached.checkpoint_state()})
-    if emb.rank == 0:
-        # replicated tables are saved once, as whole-table pieces, so that a later plan may
-        # shard them (and a sharded table may become replicated)
-        for name, weight in emb.replicated.items():
-            full, scalar = _opt_state(optimizer, weight)
-            pieces.append({"table": name, "rows": [0, weight.shape[0]], "cols": [0, weight.shape[1]],
-                           "weight": weight.detach().cpu().clone(), "optim": full, "optim_scalar": scalar})
     _atomic_save({"format": _FORMAT, "rank": emb.rank, "pieces": pieces},
                  os.path.join(directory, _shard_file(emb.rank, emb.world_size)))
     if emb.rank == 0:
-        mp = {id(p) for p in emb.parameters()}
+        skip = _embedding_tensors(emb)
         params, optim = {}, {}
         for name, p in net.named_parameters():
-            if id(p) in mp:
+            if id(p) in skip:
                 continue
             params[name] = p.detach().cpu().clone()
             optim[name] = _opt_state(optimizer, p)
-        buffers = {n: b.detach().cpu().clone() for n, b in net.named_buffers()}
+        buffers = {n: b.detach().cpu().clone() for n, b in net.named_buffers() if id(b) not in skip}
         _atomic_save({"format": _FORMAT, "params": params, "buffers": buffers, "optim": optim,
                       "extra": extra or {}}, os.path.join(directory, "dense.pt"))
     _barrier()
     if emb.rank == 0:
         manifest = {"format": _FORMAT, "world_size": emb.world_size, "plan": emb.plan.to_dict(),
-                    "files": [_shard_file(r, emb.world_size) for r in range(emb.world_size)]}
-        tmp = os.path.join(directory, MANIFEST + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh)
-        os.replace(tmp, os.path.join(directory, MANIFEST))
+                    "files": [_shard_file(r, emb.world_size) for r in range(emb.world_size)],
+                    "sparse_optimizer": emb.optimizer.kind.value, "sparse_steps": emb.sparse_steps}
+        atomic_write_bytes(os.path.join(directory, MANIFEST), json.dumps(manifest).encode(), durable=False)
     _barrier()
 
 
 def load_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a checkpoint written by any world size / plan into this rank's model and
-    optimizer (the optimizer must already hold the model's parameters). Returns ``extra``."""
+    """Load a checkpoint written by any world size / plan into this rank's model and dense
+    ``optimizer`` (which must already hold the model's dense parameters). Returns ``extra``.
+    Raises ``CheckpointError`` when it does not fit; its format, table shapes and sparse
+    optimizer are checked before anything is modified."""
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is missing or incomplete")
     with open(path) as fh:
         manifest = json.load(fh)
-    if manifest.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this build reads {_FORMAT}")
+    found = manifest.get("format")
+    if found == 1:
+        raise CheckpointError(
+            f"{path}: sharded checkpoint format 1, written when shards were parameters of the dense "
+            "torch optimizer; this release trains them with [trainer] sparse_optimizer and cannot "
+            "resume that state. Point trainer.checkpoint_dir at a new directory")
+    if found != _FORMAT:
+        raise CheckpointError(f"{path}: format {found!r}, this build reads {_FORMAT}")
     net = _unwrap(model)
     emb = find_sharded(net)
     if emb is None:
@@ -147,11 +164,15 @@ def load_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
         if saved_tables.get(tp.name) != (tp.rows, tp.dim):
             raise CheckpointError(f"{directory}: table {tp.name!r} saved as {saved_tables.get(tp.name)}, "
                                   f"model has {(tp.rows, tp.dim)} (rows, dim)")
+    if manifest["sparse_optimizer"] != emb.optimizer.kind.value:
+        raise CheckpointError(
+            f"{directory}: embeddings were trained with sparse optimizer {manifest['sparse_optimizer']!r}, "
+            f"this model uses {emb.optimizer.kind.value!r}; keep [trainer] sparse_optimizer or start a "
+            "new checkpoint_dir")
     dense = torch.load(os.path.join(directory, "dense.pt"), map_location="cpu", weights_only=True)
     _load_dense(dense, net, emb, optimizer, directory)
-    owned = [(tp.name, s, p) for tp, s, p in emb.owned_shards()]
-    owned += [(name, _Whole(w.shape[0], w.shape[1]), w) for name, w in emb.replicated.items()]
-    if owned or len(emb.cached):
+    views = emb.shard_views()
+    if views or len(emb.cached):
         sources = [torch.load(os.path.join(directory, f), map_location="cpu", mmap=True, weights_only=True)
                    for f in manifest["files"]]
         cached_states = {piece["table"]: piece["cached"] for src in sources for piece in src["pieces"]
@@ -162,52 +183,59 @@ def load_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
                                       "devices; moving a table between device and cached placement is not "
                                       "supported by resharding (keep [row_cache] as it was when saving)")
             cached.load_checkpoint_state(cached_states[name])
-        for name, s, p in owned:
-            if name in cached_states:
-                raise CheckpointError(f"{directory}: table {name!r} was saved as a cached table (rows in its "
-                                      "row store) but this plan puts it on devices; keep [row_cache] as it was")
-            weight, full, scalar = _assemble(name, s, p, sources, directory)
+        for v in views:
+            if v.table in cached_states:
+                raise CheckpointError(f"{directory}: table {v.table!r} was saved as a cached table (rows in "
+                                      "its row store) but this plan puts it on devices; keep [row_cache] as it was")
+            weight, state = _assemble(v, sources, directory)
             with torch.no_grad():
-                p.copy_(weight)
-            _set_opt_state(optimizer, p, full, scalar)
+                v.weight.copy_(weight)
+                for k, t in v.state.items():
+                    t.copy_(state[k])
+    emb.set_sparse_steps(int(manifest["sparse_steps"]))
     _barrier()
     return dense.get("extra", {})
 
 
-class _Whole:
-    """The geometry of a whole table, shaped like a ``ShardPlan`` for ``_assemble``."""
-
-    def __init__(self, rows: int, cols: int):
-        self.row_start, self.row_end, self.col_start, self.col_end = 0, rows, 0, cols
-        self.rows, self.cols = rows, cols
-
-
-def _assemble(table: str, s, p: torch.Tensor, sources: list[dict], directory: str):
-    weight = torch.empty(s.rows, s.cols)
-    covered = torch.zeros(s.rows, s.cols, dtype=torch.int32)
-    full: dict[str, torch.Tensor] = {}
-    scalar: dict = {}
+def _assemble(v: ShardView, sources: list[dict], directory: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weights and optimizer state of target ``v`` from every saved piece of its table."""
+    rows, cols = v.row_end - v.row_start, v.col_end - v.col_start
+    weight = torch.empty(rows, cols, dtype=v.weight.dtype)
+    covered = torch.zeros(rows, cols, dtype=torch.int32)
+    state = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in v.state.items()}
+    state_rows = {k: torch.zeros(rows, dtype=torch.bool) for k, t in v.state.items() if t.dim() == 1}
     for src in sources:
         for piece in src["pieces"]:
-            if piece["table"] != table or "cached" in piece:
+            if piece["table"] != v.table or "cached" in piece:
                 continue
             (r0, r1), (c0, c1) = piece["rows"], piece["cols"]
-            lo_r, hi_r = max(r0, s.row_start), min(r1, s.row_end)
-            lo_c, hi_c = max(c0, s.col_start), min(c1, s.col_end)
+            lo_r, hi_r = max(r0, v.row_start), min(r1, v.row_end)
+            lo_c, hi_c = max(c0, v.col_start), min(c1, v.col_end)
             if lo_r >= hi_r or lo_c >= hi_c:
                 continue
-            dst = (slice(lo_r - s.row_start, hi_r - s.row_start), slice(lo_c - s.col_start, hi_c - s.col_start))
-            srcs = (slice(lo_r - r0, hi_r - r0), slice(lo_c - c0, hi_c - c0))
-            weight[dst] = piece["weight"][srcs]
+            dst_r, src_r = slice(lo_r - v.row_start, hi_r - v.row_start), slice(lo_r - r0, hi_r - r0)
+            dst = (dst_r, slice(lo_c - v.col_start, hi_c - v.col_start))
+            srcs = (src_r, slice(lo_c - c0, hi_c - c0))
+            weight[dst] = piece["weight"][srcs]  # cast to this model's dtype if it differs
             covered[dst] += 1
-            for k, v in piece["optim"].items():
-                full.setdefault(k, torch.zeros(s.rows, s.cols, dtype=v.dtype))[dst] = v[srcs]
-            scalar.update(piece["optim_scalar"])
+            for k, target in state.items():
+                saved = piece["state"].get(k)
+                if saved is None:
+                    continue
+                if k in state_rows:  # one value per row, the same in every column piece
+                    target[dst_r] = saved[src_r]
+                    state_rows[k][dst_r] = True
+                else:
+                    target[dst] = saved[srcs]
+    where = (f"{directory}: table {v.table!r} rows [{v.row_start}, {v.row_end}) cols "
+             f"[{v.col_start}, {v.col_end})")
     if not bool((covered == 1).all()):
         bad = int((covered != 1).sum())
-        raise CheckpointError(f"{directory}: table {table!r} rows [{s.row_start}, {s.row_end}) cols "
-                              f"[{s.col_start}, {s.col_end}): {bad} cells not covered exactly once by the saved shards")
-    return weight.to(p.dtype), full, scalar
+        raise CheckpointError(f"{where}: {bad} cells not covered exactly once by the saved shards")
+    for k, seen in state_rows.items():
+        if not bool(seen.all()):
+            raise CheckpointError(f"{where}: optimizer state {k!r} missing for {int((~seen).sum())} rows")
+    return weight, state
 
 
 def _set_opt_state(optimizer, p: torch.Tensor, full: dict, scalar: dict) -> None:
@@ -219,9 +247,9 @@ def _set_opt_state(optimizer, p: torch.Tensor, full: dict, scalar: dict) -> None
 
 
 def _load_dense(dense: dict, net: nn.Module, emb: ShardedEmbeddingCollection, optimizer, directory: str) -> None:
-    mp = {id(p) for p in emb.parameters()}
+    skip = _embedding_tensors(emb)
     params = dict(net.named_parameters())
-    want = {n for n, p in params.items() if id(p) not in mp}
+    want = {n for n, p in params.items() if id(p) not in skip}
     missing = sorted(want - set(dense["params"]))
     if missing:
         raise CheckpointError(f"{directory}: dense.pt lacks parameter(s) {missing}")
@@ -234,7 +262,7 @@ def _load_dense(dense: dict, net: nn.Module, emb: ShardedEmbeddingCollection, op
             params[name].copy_(src)
             full, scalar = dense["optim"].get(name, ({}, {}))
             _set_opt_state(optimizer, params[name], full, scalar)
-        bufs = dict(net.named_buffers())
+        bufs = {n: b for n, b in net.named_buffers() if id(b) not in skip}
         for name, b in dense["buffers"].items():
             if name in bufs:
                 bufs[name].copy_(b)

@@ -6,65 +6,80 @@ Under ``torchrun`` every rank runs (see ``trainer.dist``)::
     plan = plan_from_config(cfg, ctx.world_size, detect_device_kind())   # same on every rank
     emb = build_sharded_embeddings(cfg, plan, ctx)
     model = wrap_data_parallel(DLRM.from_config(cfg, embeddings=emb).to(ctx.device), ctx)
+    opt = build_optimizer(cfg.trainer.dense_optimizer_kind, model.parameters(), cfg.trainer.dense_lr)
     lo, hi = ctx.slice_of(cfg.trainer.batch_size)   # this rank's samples of every batch
     for batch in batches:                             # the same global batches on every rank
         local = local_slice(batch, lo, hi)
-        loss = bce(model(local.dense, local.sparse), local.labels)   # mean over local samples
-        ...
+        n = batch.batch_size                          # loss: mean over local samples, scaled
+        loss = bce(model(local.dense, local.sparse), local.labels) * ctx.loss_scale(n)
+        opt.zero_grad(); loss.backward(); opt.step()  # the dense layers (DDP)
+        emb.sparse_step()                             # every table's rows (collective)
 
-Gradients then match one process training on the whole batch: DDP averages the dense and
-replicated parameters, the pooled all-to-all scales shard gradients by ``1/W``. Tables the
-plan puts in the row cache (``Placement.CACHED``, with ``[row_cache] enabled``) are built by
-``trainer.cached_embedding`` on their owner; call ``emb.sparse_step()`` after ``backward()``
-and ``emb.flush()`` before a checkpoint, as the loop does for any collection.
+Gradients then match one process training on the whole batch: DDP averages the dense
+layers' gradients, the pooled all-to-all scales shard gradients by ``1/W``, and
+``emb.sparse_step()`` (after ``backward()``, on every rank) averages the replicated tables'
+gradients and applies ``[trainer] sparse_optimizer`` to every table's touched rows, as plain
+training does. Tables the plan puts in the row cache (``Placement.CACHED``, with
+``[row_cache] enabled``) are built by ``trainer.cached_embedding`` on their owner; call
+``emb.flush()`` before a checkpoint, as the loop does for any collection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.config import HeadraceConfig, replace_in
-from engine.errors import TrainerError
-from typing import Iterable
-
 from trainer.batch import Jagged, TrainBatch
+from trainer.config import SparseOptimizerKind, TrainSpec
 from trainer.dist import DistContext
 from trainer.embedding import TableSpec
-from trainer.model import tables_from_config
-from trainer.optim import supports_sparse_gradients
+from trainer.errors import TrainerError
+from trainer.model import EMBEDDING_TORCH_DTYPES, tables_from_config
 from trainer.planner import Plan
-from trainer.sharded_embedding import ShardedEmbeddingCollection
+from trainer.sharded_embedding import ShardedEmbeddingCollection, column_group_ranks
+from trainer.sparse_optim import SparseOptimizerSpec
 
 __all__ = ["build_sharded_embeddings", "wrap_data_parallel", "local_slice", "find_sharded",
            "measure_table_stats"]
 
 
-def build_sharded_embeddings(cfg: HeadraceConfig, plan: Plan, ctx: DistContext) -> ShardedEmbeddingCollection:
-    """This rank's sharded collection for ``plan`` (collective: creates two process groups,
-    so every rank must call it at the same point)."""
+def build_sharded_embeddings(cfg: TrainSpec, plan: Plan, ctx: DistContext) -> ShardedEmbeddingCollection:
+    """This rank's sharded collection for ``plan``, trained by ``[trainer] sparse_optimizer``
+    at ``sparse_learning_rate`` with rows of ``embedding_dtype``. Collective: creates two
+    process groups, then one per column-wise table under row-wise Adagrad (in plan order),
+    so every rank must call it at the same point."""
     if plan.world_size != ctx.world_size:
         raise TrainerError(f"plan is for {plan.world_size} ranks but the job has {ctx.world_size}")
+    t = cfg.trainer
+    optimizer = SparseOptimizerSpec(t.sparse_optimizer_kind, t.sparse_lr)
+    column_groups = {}
     if ctx.initialized:
         group_ids = dist.new_group(backend=ctx.backend)
         group_pooled = dist.new_group(backend=ctx.backend)
+        if optimizer.kind is SparseOptimizerKind.ROWWISE_ADAGRAD:
+            # every rank creates every group, members or not, in the same order
+            for name, ranks in column_group_ranks(plan).items():
+                column_groups[name] = dist.new_group(ranks=ranks, backend=ctx.backend)
     elif ctx.world_size == 1:
         group_ids = group_pooled = None
         _ensure_single_process_group()
     else:
         raise TrainerError("a multi-rank plan needs an initialised process group (trainer.dist)")
-    return ShardedEmbeddingCollection(tables_from_config(cfg), plan, ctx.rank, seed=cfg.trainer.seed,
+    return ShardedEmbeddingCollection(tables_from_config(cfg), plan, ctx.rank, seed=t.seed,
                                       group_ids=group_ids, group_pooled=group_pooled,
+                                      column_groups=column_groups,
                                       comm_precision=cfg.sharding.comm_precision, device=ctx.device,
-                                      sparse_gradients=supports_sparse_gradients(cfg.trainer.optimizer),
+                                      optimizer=optimizer,
+                                      embedding_dtype=EMBEDDING_TORCH_DTYPES[t.embedding_dtype],
                                       cached_factory=_cached_factory(cfg, ctx.device))
 
 
-def _cached_factory(cfg: HeadraceConfig, device: torch.device) -> Callable[[TableSpec], nn.Module]:
+def _cached_factory(cfg: TrainSpec, device: torch.device) -> Callable[[TableSpec], nn.Module]:
     """Builds the row-cache collection of one CACHED table on its owner. Each table gets its
     own store directory, ``row_cache.path/<table>``, so that after a reshard whichever rank
     owns the table opens its store."""
@@ -72,7 +87,8 @@ def _cached_factory(cfg: HeadraceConfig, device: torch.device) -> Callable[[Tabl
     def build(spec: TableSpec) -> nn.Module:
         from trainer.cached_embedding import build_cached_embeddings
 
-        table_cfg = replace_in(cfg, "row_cache", path=os.path.join(cfg.row_cache.path, spec.name))
+        table_cfg = dataclasses.replace(
+            cfg, row_cache=dataclasses.replace(cfg.row_cache, path=os.path.join(cfg.row_cache.path, spec.name)))
         return build_cached_embeddings(table_cfg, [spec], device=device)
 
     return build
@@ -93,15 +109,18 @@ def find_sharded(model: nn.Module) -> ShardedEmbeddingCollection | None:
 
 
 def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP over the dense layers and replicated tables; the model-parallel shard parameters
-    are excluded (each lives on one rank). Returns ``model`` itself for a single process."""
+    """DDP over the dense layers only: every parameter and buffer of the sharded collection
+    (shards, replicated tables, their optimizer state) is left out, since each rank holds
+    its own shards and ``sparse_step()`` keeps the replicas in step. Returns ``model``
+    itself for a single process."""
     if not ctx.initialized or ctx.world_size == 1:
         return model
     sharded = find_sharded(model)
     ignore = set()
     if sharded is not None:
-        mp = {id(p) for p in sharded.model_parallel_parameters()}
-        ignore = {name for name, p in model.named_parameters() if id(p) in mp}
+        own = {id(t) for t in sharded.parameters()} | {id(t) for t in sharded.buffers()}
+        ignore = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if id(t) in own}
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
     # No device_ids even on CUDA: inputs are already on the device, and with device_ids DDP
     # rebuilds every dict argument on the way in, so the sparse dict would no longer be the

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.config.sharding import DeviceKind
-from engine.errors import ConfigError
+from trainer.config import DeviceKind
+from trainer.errors import TrainerConfigError
 
 __all__ = ["Topology", "DeviceKind", "DEVICE_DEFAULTS"]
 
@@ -68,14 +68,14 @@ class Topology:
 
     def __post_init__(self):
         if self.world_size < 1:
-            raise ConfigError(f"world_size must be >= 1, got {self.world_size}")
+            raise TrainerConfigError(f"world_size must be >= 1, got {self.world_size}")
         if self.devices_per_host < 1:
-            raise ConfigError(f"devices_per_host must be >= 1, got {self.devices_per_host}")
+            raise TrainerConfigError(f"devices_per_host must be >= 1, got {self.devices_per_host}")
         for f in ("device_memory_bytes", "host_memory_bytes", "device_bw_bytes_per_s",
                   "host_to_device_bw_bytes_per_s", "intra_host_bw_bytes_per_s",
                   "inter_host_bw_bytes_per_s"):
             if getattr(self, f) <= 0:
-                raise ConfigError(f"topology {f} must be > 0, got {getattr(self, f)}")
+                raise TrainerConfigError(f"topology {f} must be > 0, got {getattr(self, f)}")
 
     @classmethod
     def for_device(cls, device: DeviceKind, world_size: int, *, devices_per_host: int = 0,
@@ -83,7 +83,7 @@ class Topology:
         """The defaults of ``device`` (see the module docstring); 0 keeps a default. A CPU
         topology puts every rank on one host unless ``devices_per_host`` says otherwise."""
         if device is DeviceKind.AUTO:
-            raise ConfigError(
+            raise TrainerConfigError(
                 "device 'auto' must be resolved to cpu, h100 or h200 before planning "
                 "(trainer.dist.detect_device_kind does that on the training host)"
             )

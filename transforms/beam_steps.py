@@ -1,56 +1,68 @@
 """Thin Beam wrappers around the pure transform chain.
 
-* ``ProcessBatches(spec, mappings_dir)``: ``PCollection[SourceBatch] ->
-  PCollection[ProcessedBatch]``, one output per input (``process.process_batch``). Each
-  DoFn instance loads the newest ``MappingSet`` from ``mappings_dir`` in ``setup()`` (the
-  default modulo set, version 0, when the directory has none or is None) and looks for a
-  newer version at most every ``reload_every_s`` seconds, so an online re-fit that saves
-  version N+1 is picked up mid-stream. Nothing is shared between steps or workers
-  except the spec (pickled with the DoFn) and files: it runs on any Beam runner.
+* ``ProcessBatches(spec, mappings)``: ``PCollection[SourceBatch] ->
+  PCollection[ProcessedBatch]``, one output per input (``process.process_batch``).
+  ``mappings`` is a picklable ``MappingSource`` (``storage.mapping_store.MappingStore``:
+  a directory of versioned sets), or None for the default set. Each DoFn instance loads
+  the newest ``MappingSet`` in ``setup()`` (the default set, version 0, before the first
+  fit) and looks for a newer version at most every ``reload_every_s`` seconds, so an
+  online re-fit that saves version N+1 is picked up mid-stream. Nothing is shared between
+  steps or workers except the spec and the source (pickled with the DoFn) and the files
+  the source reads: it runs on any Beam runner.
 * ``SourceBatchCoder`` / ``ProcessedBatchCoder`` (registered on import): Arrow IPC for the
   record batches plus a small header, instead of pickle (measured: a 4096-row batch round
   trip costs ~0.4-1 ms this way against ~2-3 ms pickled).
 * ``ApplyPlugins(plugins)``: ``PCollection[ProcessedBatch] -> PCollection[ProcessedBatch]``
   through user ``PTransform[RecordBatch -> RecordBatch]`` plugins, with the accounting
   carried in schema metadata (``plugin_api``); after each plugin a check step raises a
-  ``PluginError`` naming it if it broke the metadata or the pipeline's columns.
+  ``PluginError`` naming it if it broke the metadata or dropped or retyped a column of
+  ``required`` (``RequiredColumns.for_trainer``: the columns the trainer reads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from engine.errors import PluginError
 from streams.records import SourceBatch
+from transforms.config import SchemaConfig
 from transforms.elements import ProcessedBatch
+from transforms.errors import PluginError
 from transforms.mappers import MappingSet
 from transforms.plugin_api import (
-    _dead_from_bytes, _dead_to_bytes, check_plugin_output, from_record_batch, to_record_batch,
+    _dead_from_bytes,
+    _dead_to_bytes,
+    check_plugin_output,
+    from_record_batch,
+    to_record_batch,
 )
 from transforms.process import TransformSpec, output_schema, process_batch
 
 __all__ = [
-    "ProcessBatches", "ApplyPlugins", "load_mappings", "reload_due", "SourceBatchCoder", "ProcessedBatchCoder",
+    "ProcessBatches", "MappingSource", "ApplyPlugins", "RequiredColumns", "reload_due",
+    "SourceBatchCoder", "ProcessedBatchCoder",
 ]
 
 _EMPTY = pa.schema([])
 
 
-def load_mappings(spec: TransformSpec, mappings_dir: str | None, default_mapper: str = "modulo") -> MappingSet:
-    """The newest stored set in ``mappings_dir``, else the default set (version 0)."""
-    if mappings_dir and MappingSet.versions(mappings_dir):
-        ms = MappingSet.load(mappings_dir)
-    else:
-        ms = MappingSet.default(spec.schema, default_mapper)
-    ms.check_schema(spec.schema)
-    return ms
+class MappingSource(Protocol):
+    """Where ``ProcessBatches`` gets its mapping sets; ``storage.mapping_store.MappingStore``
+    is the implementation. Must pickle: every worker gets a copy and reads for itself."""
+
+    def latest_version(self) -> int | None:
+        """The newest stored version (None: none yet). Polled, so it must be cheap."""
+
+    def load_or_default(self, schema: SchemaConfig, default_mapper: str) -> MappingSet:
+        """The newest set, checked against ``schema``; the default set (version 0) when
+        none is stored."""
 
 
 def reload_due(now_s: float, last_check_s: float, every_s: float) -> bool:
@@ -59,26 +71,35 @@ def reload_due(now_s: float, last_check_s: float, every_s: float) -> bool:
 
 
 class _ProcessFn(beam.DoFn):
-    def __init__(self, spec: TransformSpec, mappings_dir: str | None, reload_every_s: float, default_mapper: str):
+    def __init__(self, spec: TransformSpec, mappings: MappingSource | None, reload_every_s: float,
+                 default_mapper: str):
+        if mappings is not None and not callable(getattr(mappings, "load_or_default", None)):
+            raise TypeError(f"ProcessBatches: mappings must be a MappingSource such as "
+                            f"storage.mapping_store.MappingStore(directory), got {mappings!r}")
         self._spec = spec
-        self._dir = mappings_dir
+        self._source = mappings
         self._every_s = reload_every_s
         self._default = default_mapper
         self._mappings: MappingSet | None = None
         self._checked_s = 0.0
 
+    def _load(self) -> MappingSet:
+        if self._source is None:
+            return MappingSet.default(self._spec.schema, self._default)
+        return self._source.load_or_default(self._spec.schema, self._default)
+
     def setup(self):
-        self._mappings = load_mappings(self._spec, self._dir, self._default)
+        self._mappings = self._load()
         self._checked_s = time.monotonic()
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
-        if not self._dir or not reload_due(now, self._checked_s, self._every_s):
+        if self._source is None or not reload_due(now, self._checked_s, self._every_s):
             return
         self._checked_s = now
-        versions = MappingSet.versions(self._dir)
-        if versions and versions[-1] > self._mappings.version:
-            self._mappings = load_mappings(self._spec, self._dir, self._default)
+        latest = self._source.latest_version()
+        if latest is not None and latest > self._mappings.version:
+            self._mappings = self._load()
 
     def process(self, sb):
         self._maybe_reload()
@@ -88,26 +109,63 @@ class _ProcessFn(beam.DoFn):
 class ProcessBatches(beam.PTransform):
     """``PCollection[SourceBatch] -> PCollection[ProcessedBatch]`` (see the module docstring)."""
 
-    def __init__(self, spec: TransformSpec, mappings_dir: str | None = None, *, reload_every_s: float = 10.0,
+    def __init__(self, spec: TransformSpec, mappings: MappingSource | None = None, *, reload_every_s: float = 10.0,
                  default_mapper: str = "modulo"):
         super().__init__()
         if reload_every_s < 0:
             raise ValueError(f"reload_every_s must be >= 0, got {reload_every_s}")
-        self._fn = _ProcessFn(spec, mappings_dir, reload_every_s, default_mapper)
+        self._fn = _ProcessFn(spec, mappings, reload_every_s, default_mapper)
 
     def expand(self, pcoll):
         return pcoll | "ProcessBatch" >> beam.ParDo(self._fn)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequiredColumns:
+    """Columns every plugin output must keep: ``typed`` with name and type, ``named`` by
+    name in any type."""
+
+    typed: pa.Schema = _EMPTY
+    named: tuple[str, ...] = ()
+
+    @classmethod
+    def for_trainer(cls, spec: TransformSpec) -> "RequiredColumns":
+        """The columns the trainer reads: the label and dense columns (float32) and the
+        sparse row columns. A multi-valued sparse column is always ``list<int64>``; a
+        single-valued one is ``int64``, or a list under a two-lookup mapper (``double``),
+        so its type follows the mapping version, which a re-fit may change mid-stream:
+        only its presence is required."""
+        s = spec.schema
+        full = output_schema(spec, MappingSet.default(s))
+        single = tuple(f.name for f in s.sparse if not f.multi)
+        keep = [s.label, *(d.name for d in s.dense), *(f.name for f in s.sparse if f.multi)]
+        return cls(pa.schema([full.field(n) for n in keep]), single)
+
+    def check(self, rb: pa.RecordBatch, plugin: str) -> pa.RecordBatch:
+        """``rb``, or a PluginError naming ``plugin`` and the column it dropped or retyped
+        (``plugin_api.check_plugin_output``, which also checks the accounting metadata)."""
+        required = self.typed
+        if self.named and isinstance(rb, pa.RecordBatch):
+            # a named column counts as typed as rb has it; a missing one is reported dropped
+            have = rb.schema
+            found = [(n, have.get_field_index(n)) for n in self.named]
+            required = pa.schema([*required, *(have.field(i) if i >= 0 else pa.field(n, pa.null())
+                                               for n, i in found)])
+        return check_plugin_output(rb, plugin, required)
+
+
 class ApplyPlugins(beam.PTransform):
     """Run user plugins in order over each batch; ``plugins`` is ``[(name, transform)]``.
 
-    ``required`` is the schema every plugin output must still contain (default: none
-    checked beyond the accounting metadata); pass ``output_schema(spec, mappings)``.
-    Rows a plugin drops are counted as filtered. With no plugins this is the identity.
+    ``required``: the columns every plugin output must still contain, a ``RequiredColumns``
+    (the pipeline passes ``RequiredColumns.for_trainer(spec)``) or a schema (every field
+    with its type, e.g. ``output_schema(spec, mappings)``); default: none checked beyond
+    the accounting metadata. Rows a plugin drops are counted as filtered. With no plugins
+    this is the identity.
     """
 
-    def __init__(self, plugins: Sequence[tuple[str, beam.PTransform]], required=None):
+    def __init__(self, plugins: Sequence[tuple[str, beam.PTransform]],
+                 required: RequiredColumns | pa.Schema | None = None):
         super().__init__()
         names = [n for n, _ in plugins]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -118,6 +176,8 @@ class ApplyPlugins(beam.PTransform):
                 raise PluginError(f"plugin {name!r} is {type(t).__name__}, not a beam.PTransform; wrap a "
                                   "function with transforms.plugin_api.map_batches")
         self._plugins = list(plugins)
+        if required is None or isinstance(required, pa.Schema):
+            required = RequiredColumns(_EMPTY if required is None else required)
         self._required = required
 
     @staticmethod
@@ -127,12 +187,10 @@ class ApplyPlugins(beam.PTransform):
     def expand(self, pcoll):
         if not self._plugins:
             return pcoll
-        required = self._required
         rbs = pcoll | "ToRecordBatch" >> beam.Map(to_record_batch)
         for name, transform in self._plugins:
             rbs = rbs | f"Plugin[{name}]" >> transform
-            rbs = rbs | f"Check[{name}]" >> beam.Map(
-                lambda rb, name=name: check_plugin_output(rb, name, required if required is not None else _EMPTY))
+            rbs = rbs | f"Check[{name}]" >> beam.Map(self._required.check, name)
         last = self._plugins[-1][0]
         return rbs | "FromRecordBatch" >> beam.Map(from_record_batch, last)
 

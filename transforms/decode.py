@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+
 import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config import EventFormat, SchemaConfig, SparseType
-from engine.errors import ConfigError
+from transforms.config import EventFormat, SchemaConfig, SparseType
 from transforms.elements import Reason, Stage
+from transforms.errors import TransformConfigError
 from transforms.filters import FilterPlan, LiteralKind
 
 __all__ = [
@@ -107,7 +108,7 @@ class DecodePlan:
         known = {f.name for f in fields}
         if schema.event_time:
             if schema.event_time in known:
-                raise ConfigError(f"schema.event_time {schema.event_time!r} is also a feature; name a separate field")
+                raise TransformConfigError(f"schema.event_time {schema.event_time!r} is also a feature; name a separate field")
             fields.append(FieldSpec(schema.event_time, FieldRole.EVENT_TIME, pa.int64()))
             known.add(schema.event_time)
         by_name = {f.name: f for f in fields}
@@ -119,7 +120,7 @@ class DecodePlan:
             t = pa.float64() if kind is LiteralKind.NUMBER else pa.string()
             fields.append(FieldSpec(name, FieldRole.FILTER, t))
             if schema.format is EventFormat.TSV and name not in schema.columns:
-                raise ConfigError(
+                raise TransformConfigError(
                     f"filter field {name!r} is not one of schema.columns {list(schema.columns)}; a TSV "
                     "filter can only read listed columns"
                 )
@@ -135,11 +136,11 @@ def _check_filter_type(f: FieldSpec, kind: LiteralKind | None, filt: FilterPlan)
     if kind is None:
         return
     if f.multi:
-        raise ConfigError(f"filter {texts}: {f.name!r} is multi-valued; only `present`/`missing` apply to it")
+        raise TransformConfigError(f"filter {texts}: {f.name!r} is multi-valued; only `present`/`missing` apply to it")
     numeric = f.arrow_type != pa.string()
     if numeric != (kind is LiteralKind.NUMBER):
         want = "numbers" if numeric else "'quoted strings'"
-        raise ConfigError(f"filter {texts}: field {f.name!r} is {f.arrow_type}; compare it with {want}")
+        raise TransformConfigError(f"filter {texts}: field {f.name!r} is {f.arrow_type}; compare it with {want}")
 
 
 class Rejects:

@@ -33,7 +33,13 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from transforms.decode import (
-    FLAG_NEWLINE, Decoded, DecodePlan, FieldRole, Rejects, join_rows, raw_buffers,
+    FLAG_NEWLINE,
+    Decoded,
+    DecodePlan,
+    FieldRole,
+    Rejects,
+    join_rows,
+    raw_buffers,
     scan_rows,
 )
 from transforms.decode_json_fast import FastJsonLayout, high_byte_rows, parse_fast, supports

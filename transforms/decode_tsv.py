@@ -19,7 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from transforms.decode import (
-    FLAG_NEWLINE, FLAG_NON_ASCII, Decoded, DecodePlan, Rejects, join_rows, raw_buffers,
+    FLAG_NEWLINE,
+    FLAG_NON_ASCII,
+    Decoded,
+    DecodePlan,
+    Rejects,
+    join_rows,
+    raw_buffers,
     scan_rows,
 )
 from transforms.elements import Reason

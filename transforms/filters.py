@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config import FilterConfig
-from engine.errors import ConfigError
+from transforms.config import FilterConfig
+from transforms.errors import TransformConfigError
 from transforms.hashing import hash_strings, unit_interval
 
 __all__ = ["FilterOp", "LiteralKind", "Clause", "FilterPlan", "parse_clause", "compile_filter"]
@@ -95,7 +95,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     while pos < len(stripped):
         m = _TOKEN.match(stripped, pos)
         if not m or m.end() == pos:
-            raise ConfigError(f"filter clause {text!r}: cannot read {stripped[pos:].strip()!r}; {_GRAMMAR}")
+            raise TransformConfigError(f"filter clause {text!r}: cannot read {stripped[pos:].strip()!r}; {_GRAMMAR}")
         kind = m.lastgroup
         out.append((kind, m.group(kind)))
         pos = m.end()
@@ -108,16 +108,16 @@ def _literal(kind: str, tok: str, text: str) -> int | float | str:
         return re.sub(r"\\(.)", r"\1", body)
     if kind == "num":
         return int(tok) if _INT.match(tok) else float(tok)
-    raise ConfigError(f"filter clause {text!r}: {tok!r} is not a value; {_GRAMMAR}")
+    raise TransformConfigError(f"filter clause {text!r}: {tok!r} is not a value; {_GRAMMAR}")
 
 
 def parse_clause(text: str) -> Clause:
-    """Parse one ``where`` clause; ConfigError naming the clause if it is not in the grammar."""
+    """Parse one ``where`` clause; TransformConfigError naming the clause if it is not in the grammar."""
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"filter clause {text!r} is empty; {_GRAMMAR}")
+        raise TransformConfigError(f"filter clause {text!r} is empty; {_GRAMMAR}")
     toks = _tokens(text)
     if toks[0][0] != "word":
-        raise ConfigError(f"filter clause {text!r}: must start with a field name; {_GRAMMAR}")
+        raise TransformConfigError(f"filter clause {text!r}: must start with a field name; {_GRAMMAR}")
     field, rest = toks[0][1], toks[1:]
     words = [t for _, t in rest]
     if words in (["present"], ["missing"]):
@@ -128,22 +128,22 @@ def parse_clause(text: str) -> Clause:
         op = FilterOp.IN if words[0] == "in" else FilterOp.NOT_IN
         lst = rest[1:] if op is FilterOp.IN else rest[2:]
         if len(lst) < 3 or lst[0][1] != "[" or lst[-1][1] != "]":
-            raise ConfigError(f"filter clause {text!r}: `{op.value}` needs a list like [1, 2] or ['a', 'b']")
+            raise TransformConfigError(f"filter clause {text!r}: `{op.value}` needs a list like [1, 2] or ['a', 'b']")
         items = lst[1:-1]
         values = []
         for i, tok in enumerate(items):
             if i % 2 == 1:
                 if tok[1] != ",":
-                    raise ConfigError(f"filter clause {text!r}: expected ',' between list values, got {tok[1]!r}")
+                    raise TransformConfigError(f"filter clause {text!r}: expected ',' between list values, got {tok[1]!r}")
                 continue
             values.append(_literal(*tok, text))
         if len(items) % 2 == 0:
-            raise ConfigError(f"filter clause {text!r}: list ends with ','")
+            raise TransformConfigError(f"filter clause {text!r}: list ends with ','")
         kinds = {isinstance(v, str) for v in values}
         if len(kinds) > 1:
-            raise ConfigError(f"filter clause {text!r}: list mixes numbers and strings; use one type")
+            raise TransformConfigError(f"filter clause {text!r}: list mixes numbers and strings; use one type")
         return Clause(field, op, tuple(values), text)
-    raise ConfigError(f"filter clause {text!r}: {_GRAMMAR}")
+    raise TransformConfigError(f"filter clause {text!r}: {_GRAMMAR}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +159,11 @@ class FilterPlan:
 
     def literal_kind(self, field: str) -> LiteralKind | None:
         """The literal type compared against ``field`` (None: presence tests only).
-        ConfigError when one field is compared with both numbers and strings."""
+        TransformConfigError when one field is compared with both numbers and strings."""
         kinds = {c.kind for c in self.clauses if c.field == field and c.kind is not None}
         if len(kinds) > 1:
             texts = [c.text for c in self.clauses if c.field == field]
-            raise ConfigError(f"filter clauses {texts} compare field {field!r} with both numbers and strings")
+            raise TransformConfigError(f"filter clauses {texts} compare field {field!r} with both numbers and strings")
         return kinds.pop() if kinds else None
 
     @property
@@ -214,7 +214,7 @@ def _evaluate(c: Clause, col: pa.Array) -> np.ndarray:
 
 
 def compile_filter(cfg: FilterConfig) -> FilterPlan:
-    """Parse every clause of ``cfg.where`` once (ConfigError names a bad clause)."""
+    """Parse every clause of ``cfg.where`` once (TransformConfigError names a bad clause)."""
     plan = FilterPlan(tuple(parse_clause(w) for w in cfg.where), cfg.negative_keep_rate)
     for f in plan.fields:
         plan.literal_kind(f)

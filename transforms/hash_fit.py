@@ -28,24 +28,28 @@ construction.
 
 ``fit_frequency`` is the frequency-only baseline (hot ids own rows, the rest hashed).
 ``mapping_report`` measures any mapper on the statistics: collisions and bucket balance.
+``fit_mapping_set`` fits a whole feature set's next version as ``[hash]`` configures it
+(what ``headrace fit-hash`` and serve's periodic re-fit run between reading statistics
+and saving the set).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numba
 import numpy as np
 
-from engine.errors import MappingError
+from transforms.config import FitKind, HashConfig, SchemaConfig
+from transforms.errors import MappingError
 from transforms.learned_hash import DEFAULT_FALLBACK_SEED, FrequencyMapper, LearnedMapper
-from transforms.mappers import IdMapper
+from transforms.mappers import IdMapper, MappingSet
 
 __all__ = [
     "IdStats", "LearnedFitParams", "fit_frequency", "fit_learned", "id_vectors",
-    "balanced_clusters", "mapping_report", "embedding_vectors", "timed_fit",
+    "balanced_clusters", "mapping_report", "embedding_vectors", "timed_fit", "fit_mapping_set",
 ]
 
 
@@ -121,6 +125,14 @@ class LearnedFitParams:
     # seen at fit time (whose future traffic regresses up) are not packed by the dozen
     mass_prior: float = 0.0
     seed: int = DEFAULT_FALLBACK_SEED
+
+    @classmethod
+    def from_config(cls, hash_cfg: HashConfig) -> "LearnedFitParams":
+        """The knobs ``[hash]`` sets; the rest keep their defaults."""
+        h = hash_cfg
+        return cls(hot_fraction=h.hot_fraction, reserve_fraction=h.reserve_fraction,
+                   label_weight=h.label_weight, embedding_weight=h.embedding_weight,
+                   embedding_components=h.embedding_components)
 
     def __post_init__(self):
         for name in ("hot_fraction", "reserve_fraction"):
@@ -348,3 +360,50 @@ def timed_fit(fn, *args, **kwargs) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
+
+
+def fit_mapping_set(schema: SchemaConfig, hash_cfg: HashConfig, stats: Mapping[str, IdStats],
+                    current: MappingSet, tables: Mapping[str, np.ndarray] | None = None,
+                    tables_mapping: MappingSet | None = None) -> tuple[MappingSet, dict[str, Any]]:
+    """Version ``current.version + 1`` of the mapping set: one mapper per sparse feature of
+    ``schema``, fitted as ``hash_cfg.fit`` says from ``stats[feature]``. A feature with fewer
+    than ``hash_cfg.min_events_to_fit`` counted events keeps its current mapper.
+
+    ``tables``: the current model's embedding tables ``{feature: [rows, dim]}``, trained
+    under ``tables_mapping`` (default ``current``); a learned fit uses them as id vectors
+    when ``embedding_weight > 0``. Pure apart from timing. Returns the new set and
+    ``{feature: report}`` (``mapping_report`` of the new mapper, with ``fitted``, ``events``,
+    ``fit_s``, ``used_embeddings`` and ``before``: the current mapper's report).
+    """
+    params = LearnedFitParams.from_config(hash_cfg)
+    tables = tables or {}
+    tables_mapping = tables_mapping or current
+    mappers: dict[str, IdMapper] = {}
+    report: dict[str, Any] = {}
+    for s in schema.sparse:
+        st = stats.get(s.name)
+        events = 0.0 if st is None else float(st.counts.sum())
+        if st is None or st.distinct == 0 or events < hash_cfg.min_events_to_fit:
+            mappers[s.name] = current[s.name]
+            report[s.name] = {"fitted": False, "events": events,
+                              "reason": f"fewer than min_events_to_fit = {hash_cfg.min_events_to_fit} events"}
+            continue
+        (mapper, emb), fit_s = timed_fit(_fit_feature, hash_cfg.fit, st, s.name, s.rows, params,
+                                         tables.get(s.name), tables_mapping)
+        mappers[s.name] = mapper
+        rep = mapping_report(mapper, st)
+        rep.update({"fitted": True, "mapper": mapper.name, "events": events, "fit_s": round(fit_s, 4),
+                    "used_embeddings": emb is not None, "before": mapping_report(current[s.name], st)})
+        report[s.name] = rep
+    return MappingSet(current.version + 1, mappers), report
+
+
+def _fit_feature(kind: FitKind, stats: IdStats, feature: str, rows: int, params: LearnedFitParams,
+                 table: np.ndarray | None, table_mappings: MappingSet) -> tuple[IdMapper, np.ndarray | None]:
+    """One feature's fitted mapper and the embedding vectors it used (None: none)."""
+    if kind is FitKind.FREQUENCY:
+        return fit_frequency(stats, rows, hot_fraction=params.hot_fraction, seed=params.seed), None
+    emb = None
+    if table is not None and params.embedding_weight > 0:
+        emb = embedding_vectors(stats.ids, table_mappings[feature], table, params.embedding_components)
+    return fit_learned(stats, rows, params, emb), emb

@@ -35,7 +35,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.errors import MappingError
+from transforms.errors import MappingError
 
 __all__ = [
     "EMPTY_KEY", "mix64", "reduce_range", "hash_rows", "hash_rows_into", "IdTable",

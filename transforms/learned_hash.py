@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import MappingError
+from transforms.errors import MappingError
 from transforms.hash_kernels import IdTable, build_table, table_lookup
 from transforms.mappers import IdMapper, register_mapper
 

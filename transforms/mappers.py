@@ -33,10 +33,14 @@ with header ``{"name", "version", "rows", "lookups", "params", "arrays": [{"name
 a version newer than the class, a size mismatch and a bad checksum with ``MappingError``.
 
 A ``MappingSet`` is ``{feature: IdMapper}`` plus one integer ``version`` for the whole set,
-stored as one file ``mappings-<version:012d>.hrms`` in a directory (written to a temporary
-name, fsynced, then renamed: a reader sees a whole set or none). The pipeline loads the
-highest version present (``MappingSet.load(dir)``); ``MappingSet.default(schema)`` is the
-hashing trick with each feature's configured rows, version 0.
+serialised whole by ``to_bytes`` / ``from_bytes``::
+
+    b"HRMAPST1" | u32 header_len | header (JSON {"version", "features": [[name, nbytes]]})
+    | mapper blobs in header order
+
+Files are storage's business: ``storage.mapping_store.MappingStore`` keeps one file per
+version in a directory and loads the newest (or ``MappingSet.default(schema)``: the
+hashing trick with each feature's configured rows, version 0).
 """
 
 from __future__ import annotations
@@ -44,8 +48,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import os
-import re
 import struct
 import types
 import zlib
@@ -54,7 +56,7 @@ from typing import Any, ClassVar, Mapping
 import numba
 import numpy as np
 
-from engine.errors import MappingError
+from transforms.errors import MappingError
 
 __all__ = [
     "IdMapper", "ModuloMapper", "DoubleHashMapper", "MappingSet",
@@ -64,7 +66,6 @@ __all__ = [
 
 MAPPER_MAGIC = b"HRIDMAP1"
 SET_MAGIC = b"HRMAPST1"
-_SET_FILE = re.compile(r"^mappings-(\d{12})\.hrms$")
 _U32 = struct.Struct("<I")
 
 
@@ -316,7 +317,7 @@ register_mapper(DoubleHashMapper.name, DoubleHashMapper)
 class MappingSet:
     """One mapper per sparse feature plus one version for the whole set.
 
-    Versions only grow: a re-fit publishes ``version + 1`` with ``save``; batches record
+    Versions only grow: a re-fit publishes ``version + 1`` (``MappingStore.save``); batches record
     the version their rows were produced with (``ProcessedBatch.mapping_version``).
     """
 
@@ -373,49 +374,10 @@ class MappingSet:
         return SET_MAGIC + _U32.pack(len(header)) + header + b"".join(blobs.values())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "MappingSet":
-        return _set_from_bytes(data)
-
-    def save(self, directory: str | os.PathLike[str]) -> str:
-        """Write this set as ``<directory>/mappings-<version>.hrms`` atomically; returns the
-        path. Saving an existing version is a MappingError (versions are immutable)."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"mappings-{self.version:012d}.hrms")
-        if os.path.exists(path):
-            raise MappingError(f"{path} exists; mapping versions are immutable, save as version {self.version + 1}")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(self.to_bytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
-
-    @staticmethod
-    def versions(directory: str | os.PathLike[str]) -> list[int]:
-        """Versions stored in ``directory``, ascending ([] when it does not exist)."""
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for m in map(_SET_FILE.match, names) if m)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], version: int | None = None) -> "MappingSet":
-        """The set of ``version`` (default: the highest stored) from ``directory``."""
-        versions = cls.versions(directory)
-        if not versions:
-            raise MappingError(f"no mapping sets (mappings-*.hrms) in {os.fspath(directory)!r}")
-        v = versions[-1] if version is None else version
-        if v not in versions:
-            raise MappingError(f"mapping version {v} not in {os.fspath(directory)!r} (have {versions})")
-        path = os.path.join(directory, f"mappings-{v:012d}.hrms")
-        with open(path, "rb") as fh:
-            ms = _set_from_bytes(fh.read(), where=path)
-        if ms.version != v:
-            raise MappingError(f"{path} holds version {ms.version}, its name says {v}")
-        return ms
+    def from_bytes(cls, data: bytes, where: str = "<bytes>") -> "MappingSet":
+        """The set ``to_bytes`` wrote; MappingError naming ``where`` (e.g. the file) if
+        ``data`` is not one."""
+        return _set_from_bytes(data, where)
 
 
 def _set_from_bytes(data: bytes, where: str = "<bytes>") -> MappingSet:

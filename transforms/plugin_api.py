@@ -33,8 +33,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from engine.errors import PluginError
 from transforms.elements import OFFSET_COLUMN, DeadLetter, ProcessedBatch, Reason, Stage
+from transforms.errors import PluginError
 
 __all__ = [
     "META_PREFIX", "to_record_batch", "from_record_batch", "check_plugin_output", "with_column",

@@ -16,11 +16,11 @@ Contract of ``process_batch``:
   64-bit ids, int64 or list<int64>), ``_offset`` and ``_event_time_ms`` (int64).
 
 Example:
-    >>> from engine.config import config_from_dict
-    >>> cfg = config_from_dict({"schema": {"dense": [{"name": "x"}], "sparse": [{"name": "c", "rows": 10}]}})
-    >>> spec = TransformSpec.from_config(cfg)
+    >>> from transforms.config import DenseFeature, SchemaConfig, SparseFeature
+    >>> schema = SchemaConfig(dense=(DenseFeature("x"),), sparse=(SparseFeature("c", rows=10),))
+    >>> spec = TransformSpec.from_sections(schema, FilterConfig(), max_message_bytes=1 << 20)
     >>> sb = source_batch([b'{"label": 1, "x": 2.5, "c": "a"}', b'oops'])
-    >>> pb = process_batch(sb, spec, MappingSet.default(cfg.schema))
+    >>> pb = process_batch(sb, spec, MappingSet.default(schema))
     >>> pb.batch.num_rows, [d.reason.value for d in pb.dead_letters]
     (1, ['malformed_json'])
 """
@@ -35,15 +35,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config import EventFormat, FilterConfig, SchemaConfig
-from engine.errors import MappingError
 from streams.records import RAW_SCHEMA, SourceBatch
+from transforms.config import EventFormat, FilterConfig, SchemaConfig
 from transforms.decode import Decoded, DecodePlan, FieldRole, Rejects, validate
 from transforms.decode_json import decode_json
 from transforms.decode_tsv import decode_tsv
 from transforms.elements import (
-    EVENT_TIME_COLUMN, OFFSET_COLUMN, DeadLetter, ProcessedBatch, Reason, id_column,
+    EVENT_TIME_COLUMN,
+    OFFSET_COLUMN,
+    DeadLetter,
+    ProcessedBatch,
+    Reason,
+    id_column,
 )
+from transforms.errors import MappingError
 from transforms.filters import FilterPlan, compile_filter
 from transforms.hashing import hash_ints, hash_strings
 from transforms.mappers import MappingSet

@@ -16,7 +16,7 @@ import struct
 import numba
 import numpy as np
 
-from engine.errors import MappingError
+from transforms.errors import MappingError
 from transforms.hash_kernels import mix64, reduce_range
 
 __all__ = ["CountMinSketch"]

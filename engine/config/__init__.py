@@ -1,5 +1,9 @@
 """One TOML file -> one frozen, typed, validated config tree.
 
+Each section is declared by the package that uses it (``streams.config``,
+``transforms.config``, ``storage.config``, ``trainer.config``, ``engine.config.pipeline``);
+this module composes them into ``HeadraceConfig`` and loads it from TOML.
+
 Example:
     >>> from engine.config import config_from_dict
     >>> cfg = config_from_dict({"schema": {"dense": [{"name": "x"}]}})
@@ -13,26 +17,45 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from typing import Any
 
+import tomllib
+
 from engine.config._loader import ConfigContext, build_section
-from engine.config.core import (
-    CacheConfig, CacheDurability, DenseFeature, EventFormat, FilterConfig, KafkaClientKind, OptimizerKind,
-    PipelineConfig, RunnerKind, SchemaConfig, SourceConfig, SourceKind, SparseFeature,
-    SparseType, StartPosition, TrainerConfig,
-)
-from engine.config.hashing import HashConfig
-from engine.config.row_cache import RowCacheConfig
-from engine.config.sharding import ShardingConfig
+from engine.config.pipeline import PipelineConfig, RunnerKind
 from engine.errors import ConfigError
+from storage.config import CacheConfig, CacheDurability
+from streams.config import KafkaClientKind, SourceConfig, SourceKind, StartPosition
+from trainer.config import (
+    CommPrecision,
+    DeviceKind,
+    OptimizerKind,
+    RowCacheConfig,
+    RowCachePolicy,
+    RowOptimizerKind,
+    ShardingConfig,
+    ShardingType,
+    TrainerConfig,
+    TrainSpec,
+)
+from transforms.config import (
+    DenseFeature,
+    EventFormat,
+    FilterConfig,
+    FitKind,
+    HashConfig,
+    SchemaConfig,
+    SparseFeature,
+    SparseType,
+)
 
 __all__ = [
     "HeadraceConfig", "load_config", "config_from_dict", "replace_in",
     "SourceConfig", "SourceKind", "KafkaClientKind", "StartPosition",
     "SchemaConfig", "EventFormat", "DenseFeature", "SparseFeature", "SparseType",
     "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "CacheDurability", "TrainerConfig",
-    "OptimizerKind", "HashConfig", "ShardingConfig", "RowCacheConfig",
+    "OptimizerKind", "HashConfig", "FitKind", "ShardingConfig", "ShardingType", "DeviceKind",
+    "CommPrecision", "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
 ]
 
 
@@ -55,6 +78,11 @@ class HeadraceConfig:
                     f"schema.sparse {s.name!r}: dim {s.dim} differs from trainer.embedding_dim "
                     f"{self.trainer.embedding_dim}; the dot interaction needs one dim"
                 )
+
+    def train_spec(self) -> TrainSpec:
+        """The sections the trainer reads (``trainer.config.TrainSpec``)."""
+        return TrainSpec(schema=self.schema, trainer=self.trainer, sharding=self.sharding,
+                         row_cache=self.row_cache, cache=self.cache)
 
 
 def config_from_dict(data: dict[str, Any], file: str = "<dict>") -> HeadraceConfig:

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import signal
 
-import orjson
 import pyarrow as pa
 
 from streams.synthetic import BAD_PAYLOADS, generate_payloads
 from tests.integration.engine_helpers import (
-    SMALL_SPEC, cache_counts, cached_table, headrace, last_json, small_config_doc, start_headrace, stop,
-    wait_until, write_config,
+    SMALL_SPEC,
+    cache_counts,
+    cached_table,
+    headrace,
+    last_json,
+    small_config_doc,
+    start_headrace,
+    stop,
+    wait_until,
+    write_config,
 )
 
 N = 3000

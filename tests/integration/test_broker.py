@@ -7,13 +7,14 @@ import socket
 import pytest
 
 from engine.errors import BrokerError
-from streams.admin import create_topic, list_partitions, list_topics
-from streams.broker import EmbeddedBroker, probe_metadata
+from streams.admin import create_topic, describe_brokers, list_partitions, list_topics
+from streams.broker import EmbeddedBroker
+from streams.errors import SourceError
 
 
-def test_session_broker_answers_metadata(broker):
-    host, port = broker.bootstrap.rsplit(":", 1)
-    brokers = probe_metadata(host, int(port))
+def test_session_broker_advertises_its_address(broker):
+    port = broker.bootstrap.rsplit(":", 1)[1]
+    brokers = describe_brokers(broker.bootstrap)
     assert [p for _, _, p in brokers] == [int(port)]
 
 
@@ -28,8 +29,8 @@ def test_start_stop_frees_the_port_and_is_idempotent(tmp_path):
         assert list_partitions(b.bootstrap, "t", timeout_s=10) == [0, 1]
     assert not b.is_running()
     assert b.stop() is None  # second stop: no-op
-    with pytest.raises(OSError):
-        probe_metadata("127.0.0.1", port, timeout_s=0.5)
+    with pytest.raises(SourceError):
+        describe_brokers(f"127.0.0.1:{port}", timeout_s=0.5)
     assert "listening on" in open(log_path).read()
 
 
@@ -58,13 +59,13 @@ def test_broker_that_exits_at_once_raises_with_its_output(tmp_path):
         b.start(timeout_s=5)
 
 
-def test_metadata_probe_on_a_non_kafka_listener_fails():
+def test_broker_probe_on_a_non_kafka_listener_fails():
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         port = srv.getsockname()[1]
-        with pytest.raises(OSError):
-            probe_metadata("127.0.0.1", port, timeout_s=0.2)  # accepts, never answers
+        with pytest.raises(SourceError):
+            describe_brokers(f"127.0.0.1:{port}", timeout_s=0.2)  # accepts, never answers
 
 
 def test_list_topics_sees_created_topic(broker, new_topic):
@@ -87,11 +88,11 @@ def test_run_forever_prints_bootstrap_and_stops_cleanly_on_sigterm(tmp_path):
         line = proc.stdout.readline()  # blocks until the broker is ready (or the child dies)
         assert line.startswith("bootstrap="), line
         host, port = line.strip().split("=", 1)[1].rsplit(":", 1)
-        assert probe_metadata(host, int(port))
+        assert describe_brokers(f"{host}:{port}")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        with pytest.raises(OSError):
-            probe_metadata(host, int(port), timeout_s=0.5)
+        with pytest.raises(SourceError):
+            describe_brokers(f"{host}:{port}", timeout_s=0.5)
     finally:
         if proc.poll() is None:
             proc.kill()

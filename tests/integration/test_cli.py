@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from storage.batch_cache import BatchCache
-
 from tests.integration.engine_helpers import headrace, last_json, small_config_doc, write_config
 
 

@@ -1,13 +1,15 @@
 """``headrace train`` under ``torchrun`` (2 gloo ranks on CPU) trains the sharded model from the
-cache exactly like one process, and its sharded checkpoints resume across world sizes.
+cache exactly like one plain process, and its sharded checkpoints resume across world sizes.
 
 Every run is the real CLI in a subprocess: ``python -m torch.distributed.run --standalone
 --nproc-per-node 2 -m engine train -c C --json`` (``--standalone``: a c10d rendezvous on an
 OS-chosen localhost port) or ``python -m engine train -c C --json`` for one process.
 
-Reference: one process, same config and seed (a one-rank plan). Tolerances: the ranks'
-all-to-all and DDP all-reduce only reorder fp32 sums, so metrics agree to 1e-5 and trained
-tables to 1e-4 (measured differences ~1e-7).
+References: one plain process (``[sharding]`` off: every table in one fused collection,
+row-wise Adagrad), and one process with the same config and seed (a one-rank plan) whose
+checkpoints the resume tests compare against. Tolerances: the ranks' all-to-all, DDP
+all-reduce and the column shards' sums of squares only reorder fp32 sums, so metrics agree
+to 1e-5 and trained tables and optimizer state to 1e-4 (measured differences ~1e-7).
 
 Resume: a cache holding the first half of the data (a whole number of training batches) is
 trained to its end (checkpoint), the second half is appended, and the job resumes on the
@@ -87,18 +89,20 @@ def fill_cache(path: Path, first: int, last: int, *, total_rows: int | None = No
             off += n
 
 
-def config(tmp_path: Path, name: str, cache: Path, ranks: int) -> Path:
+def config(tmp_path: Path, name: str, cache: Path, ranks: int, *, sharded: bool = True) -> Path:
     """The job's config; ``name`` names its checkpoint directory. Forced sharding types are
     per world size (row- and column-wise need 2+ ranks), so one rank lets the planner choose:
-    resuming across the two layouts is the resharding under test."""
+    resuming across the two layouts is the resharding under test. ``sharded=False``: the
+    plain trainer (one process)."""
     doc = {
         "schema": {"label": "label"},
         "cache": {"path": str(cache), "map_size_bytes": MAP_BYTES},
         "trainer": {"embedding_dim": 8, "bottom_mlp": [8, 8], "top_mlp": [8], "batch_size": BATCH,
-                    "learning_rate": 0.1, "optimizer": "adagrad", "seed": 5,
+                    "learning_rate": 0.1, "sparse_optimizer": "rowwise_adagrad",
+                    "dense_optimizer": "adagrad", "seed": 5,
                     "checkpoint_dir": str(tmp_path / f"{name}-ckpt"), "checkpoint_every_batches": 4,
                     "metrics_window": 1000, "prefetch_batches": 2, "device": "cpu", "threads": 1},
-        "sharding": {"enabled": True, "device": "cpu", "tables": FORCED if ranks > 1 else {}},
+        "sharding": {"enabled": sharded, "device": "cpu", "tables": FORCED if ranks > 1 else {}},
     }
     path = write_config(tmp_path, doc, name=f"{name}-{ranks}.toml")
     # arrays of tables are beyond the helper's tiny TOML writer
@@ -139,19 +143,44 @@ def run_all(*jobs: tuple[Path, int]) -> list[dict]:
 
 
 def trained_state(checkpoint: str) -> dict[str, torch.Tensor]:
-    """Whole tables and dense parameters of a sharded checkpoint directory, reassembled
-    from the pieces every rank saved (so the test needs no process group)."""
+    """Whole tables, their sparse optimizer state and the dense parameters of a sharded
+    checkpoint directory, reassembled from the pieces every rank saved (so the test needs no
+    process group), or of a plain checkpoint file (the fused buffers, split by table)."""
     ckpt = Path(checkpoint)
+    if ckpt.is_file():
+        return plain_state(ckpt)
     manifest = orjson.loads((ckpt / "manifest.json").read_bytes())
     tables = {t["name"]: torch.full((t["rows"], t["dim"]), float("nan")) for t in manifest["plan"]["tables"]}
+    states: dict[str, torch.Tensor] = {}
     for f in manifest["files"]:
         for piece in torch.load(ckpt / f, weights_only=True)["pieces"]:
             (r0, r1), (c0, c1) = piece["rows"], piece["cols"]
             tables[piece["table"]][r0:r1, c0:c1] = piece["weight"]
-    for name, t in tables.items():
-        assert not torch.isnan(t).any(), f"table {name} not fully covered by {ckpt}"
+            for key, value in piece["state"].items():
+                table = tables[piece["table"]]
+                shape = table.shape[:1] if value.dim() == 1 else table.shape
+                full = states.setdefault(f"{key}.{piece['table']}", torch.full(shape, float("nan")))
+                if value.dim() == 1:  # one value per row (row-wise Adagrad)
+                    full[r0:r1] = value
+                else:
+                    full[r0:r1, c0:c1] = value
+    for name, t in {**tables, **states}.items():
+        assert not torch.isnan(t).any(), f"{name} not fully covered by {ckpt}"
     dense = torch.load(ckpt / "dense.pt", weights_only=True)
-    return {**{f"table.{k}": v for k, v in tables.items()}, **dense["params"]}
+    return {**{f"table.{k}": v for k, v in tables.items()}, **states, **dense["params"]}
+
+
+def plain_state(path: Path) -> dict[str, torch.Tensor]:
+    """``trained_state`` of a plain checkpoint: the fused collection's buffer and state split
+    by table (its extra state lists the tables in buffer order), and the dense parameters."""
+    model = torch.load(path, weights_only=True)["model"]
+    out = {k: v for k, v in model.items() if not k.startswith("embeddings.")}
+    start = 0
+    for name, rows, _dim in model["embeddings._extra_state"]["tables"]:
+        out[f"table.{name}"] = model["embeddings.weights"][start:start + rows].float()
+        out[f"state_sum.{name}"] = model["embeddings.state_sum"][start:start + rows]
+        start += rows
+    return out
 
 
 METRICS = ("logloss", "auc", "window_logloss", "window_auc", "mean_prediction")
@@ -160,6 +189,7 @@ METRICS = ("logloss", "auc", "window_logloss", "window_auc", "mean_prediction")
 def assert_same_state(checkpoint: str, ref_checkpoint: str) -> None:
     a, b = trained_state(checkpoint), trained_state(ref_checkpoint)
     assert a.keys() == b.keys()
+    assert any(k.startswith("state_sum.") for k in a)  # the sparse optimizer's state is compared too
     for name in a:
         diff = (a[name] - b[name]).abs().max().item()
         assert diff <= TABLE_TOL, f"{name} differs by {diff}"
@@ -198,14 +228,25 @@ def runs(tmp_path_factory):
                                          cfg("a", "half2", 2), cfg("b", "half1", 1))
     fill_cache(tmp / "half2", FIRST_HALF, len(SIZES))
     fill_cache(tmp / "half1", FIRST_HALF, len(SIZES))
-    a_rest, b_rest = run_all(cfg("a", "half2", 1), cfg("b", "half1", 2))
+    plain_cfg = (config(tmp, "plain", tmp / "full", 1, sharded=False), 1)
+    a_rest, b_rest, plain = run_all(cfg("a", "half2", 1), cfg("b", "half1", 2), plain_cfg)
     return {"total": total, "one": one, "two": two, "a_first": a_first, "a_rest": a_rest,
-            "b_first": b_first, "b_rest": b_rest}
+            "b_first": b_first, "b_rest": b_rest, "plain": plain}
+
+
+def test_one_rank_plan_matches_plain_training(runs):
+    """The reference itself: a one-rank sharded run equals the plain trainer (fused tables,
+    row-wise Adagrad) on the whole cache, metrics, tables and accumulators alike."""
+    one, plain = runs["one"], runs["plain"]
+    assert "world_size" not in plain and plain["checkpoint"].endswith(".pt")
+    assert plain["stop_reason"] == one["stop_reason"] == "end_of_cache"
+    assert_same_training(one, plain, samples=runs["total"])
 
 
 def test_two_ranks_match_one_process(runs):
     """The 2-rank run on the first 8 batches (then a 1-row tail it skips) against the
-    reference's checkpoint after the same 8 batches: metrics and every parameter."""
+    reference's checkpoint after the same 8 batches: metrics and every parameter; and
+    against the plain trainer's checkpoint after those 8 batches."""
     one, two = runs["one"], runs["two"]
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["plan"] == FORCED
@@ -218,6 +259,7 @@ def test_two_ranks_match_one_process(runs):
     for key in METRICS:
         assert two[key] == pytest.approx(ref[key], abs=METRIC_TOL), key
     assert_same_state(two["checkpoint"], str(ref_checkpoint))
+    assert_same_state(two["checkpoint"], str(Path(runs["plain"]["checkpoint"]).with_name("ckpt-000000000008.pt")))
 
 
 @pytest.mark.parametrize("chain", ["a", "b"], ids=["2-ranks-then-1", "1-then-2-ranks"])

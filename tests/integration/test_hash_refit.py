@@ -14,12 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from engine.config import config_from_dict
-from engine.fit_hash import fit_from_cache, mappings_dir, migration_hook
+from engine.fit_hash import current_mappings, fit_from_cache, migration_hook
 from storage.batch_cache import BatchCache
 from storage.id_stats import IdStatsStore
 from streams.synthetic import SyntheticSpec, generate_payloads, synthetic_config_dict
 from trainer.loop import ContinuousTrainer
-from transforms.mappers import MappingSet
 from transforms.process import TransformSpec, process_batch, source_batch
 
 SPEC = SyntheticSpec(num_dense=2, num_sparse=3, cardinality=3000, groups_per_feature=12, informative_sparse=3,
@@ -41,8 +40,7 @@ def make_cfg(tmp_path, name):
 
 
 def ingest(cache, spec, cfg, first_batch, n_batches):
-    mappings = (MappingSet.load(mappings_dir(cfg)) if MappingSet.versions(mappings_dir(cfg))
-                else MappingSet.default(cfg.schema))
+    mappings = current_mappings(cfg)
     for b in range(first_batch, first_batch + n_batches):
         start = b * EVENTS_PER_BATCH
         sb = source_batch(generate_payloads(SPEC, EVENTS_PER_BATCH, start), start_offset=start)

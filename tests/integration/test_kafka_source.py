@@ -10,7 +10,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that
 
-from engine.config.core import KafkaClientKind, SourceConfig, StartPosition
+from engine.config import KafkaClientKind, SourceConfig, StartPosition
 from engine.errors import SourceError
 from streams.kafka_source import ReadKafkaBatches, plan_partitions
 from streams.producer import produce_values

@@ -9,8 +9,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from engine.config.core import KafkaClientKind, SourceConfig
-from engine.errors import ConfigError, SourceError
+from engine.config import KafkaClientKind, SourceConfig
+from streams.errors import SourceConfigError, SourceError
 from streams.producer import produce_file, produce_values
 from streams.replay import ReadKafkaRange, ReadLogFiles, file_topic, plan_kafka_range
 
@@ -85,7 +85,7 @@ def test_read_log_files_rejects_bad_paths(tmp_path):
         ReadLogFiles([str(tmp_path / "missing.jsonl")])
     with pytest.raises(SourceError, match="unknown extension"):
         ReadLogFiles([str(tmp_path / "x.csv")])
-    with pytest.raises(ConfigError, match="listed twice"):
+    with pytest.raises(SourceConfigError, match="listed twice"):
         ReadLogFiles([plain, plain])
 
 
@@ -147,20 +147,20 @@ def test_kafka_range_one_bound_for_all_partitions_is_clamped_to_the_log_end(brok
     assert plan_kafka_range(cfg, topic, from_offsets=5, to_offsets=20) == {0: (5, 20), 1: (5, 10)}
     assert plan_kafka_range(cfg, topic, from_offsets=12) == {0: (12, 30), 1: (10, 10)}
     assert plan_kafka_range(cfg, topic, to_offsets={1: 99}) == {1: (0, 10)}
-    with pytest.raises(ConfigError, match="invalid"):
+    with pytest.raises(SourceConfigError, match="invalid"):
         plan_kafka_range(cfg, topic, from_offsets=9, to_offsets=3)
 
 
 def test_kafka_range_argument_errors(broker, new_topic):
     topic = new_topic(1)
     cfg = SourceConfig(bootstrap=broker.bootstrap, topics=(topic,), client=KafkaClientKind.KAFKA_PYTHON)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(SourceConfigError, match="not both"):
         plan_kafka_range(cfg, topic, from_offsets={0: 0}, to_time_ms=5)
-    with pytest.raises(ConfigError, match="no partition"):
+    with pytest.raises(SourceConfigError, match="no partition"):
         plan_kafka_range(cfg, topic, from_offsets={3: 0})
-    with pytest.raises(ConfigError, match="before from_time_ms"):
+    with pytest.raises(SourceConfigError, match="before from_time_ms"):
         plan_kafka_range(cfg, topic, from_time_ms=10, to_time_ms=5)
-    with pytest.raises(ConfigError, match="needs"):
+    with pytest.raises(SourceConfigError, match="needs"):
         ReadKafkaRange(cfg, topic)
 
 

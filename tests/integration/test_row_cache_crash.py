@@ -30,7 +30,7 @@ CHECKPOINT_EVERY = 6
 
 
 def _worker(out_dir: str, pause_at: int, pause_where: str) -> None:
-    from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
+    from engine.config import RowCachePolicy, RowOptimizerKind
     from trainer.batch import Jagged
     from trainer.cached_embedding import CachedEmbeddingBagCollection, open_row_store
     from trainer.embedding import TableSpec

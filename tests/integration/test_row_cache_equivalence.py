@@ -1,5 +1,6 @@
-"""Training through the SSD row cache (cache much smaller than the table) matches training the
-plain in-memory tables with the same row-wise optimizer: same losses, rows and states."""
+"""Training through the SSD row cache (cache much smaller than the table) matches plain
+training of the same tables in memory (one ``FusedEmbeddingBagCollection``, the same sparse
+optimizer: row-wise Adagrad or SGD): same losses, rows and states."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
+from engine.config import RowCachePolicy, RowOptimizerKind
 from trainer.batch import Jagged
 from trainer.cached_embedding import CachedEmbeddingBagCollection, open_row_store
-from trainer.embedding import EmbeddingBagCollection, TableSpec
+from trainer.embedding import TableSpec
+from trainer.fused_embedding import FusedEmbeddingBagCollection
 from trainer.prefetch import lookahead
-from trainer.row_optim import RowWiseOptimizer
 
 TABLES = [TableSpec("a", 2000, 8), TableSpec("b", 600, 8)]
 BATCH = 32
@@ -52,22 +53,30 @@ def sgd_step(module: nn.Module) -> None:
         p -= LR * p.grad
 
 
-def train_plain(kind: RowOptimizerKind, batches) -> tuple[list[float], EmbeddingBagCollection, RowWiseOptimizer]:
-    ebc = EmbeddingBagCollection(TABLES, seed=3)
-    for bag in ebc.bags.values():
-        bag.sparse = True  # sparse row gradients, as the row-wise optimizer expects
+def train_plain(kind: RowOptimizerKind, batches) -> tuple[list[float], FusedEmbeddingBagCollection]:
+    """The plain placement: every table in one fused buffer, updated by the same kind of
+    sparse optimizer (``trainer.sparse_optim``) after each backward."""
+    ebc = FusedEmbeddingBagCollection(TABLES, seed=3, optimizer=kind.value, learning_rate=LR)
     head = make_head()
-    rows_opt = RowWiseOptimizer([ebc.bags[t.name] for t in TABLES], kind, lr=LR)
     losses = []
     for sparse, labels in batches:
         loss = nn.functional.binary_cross_entropy_with_logits(head(ebc(sparse)).squeeze(1), labels)
         head.zero_grad()
-        rows_opt.zero_grad()
         loss.backward()
         sgd_step(head)
-        rows_opt.step()
+        ebc.sparse_step()
         losses.append(loss.item())
-    return losses, ebc, rows_opt
+    return losses, ebc
+
+
+def plain_state(ebc: FusedEmbeddingBagCollection, name: str) -> torch.Tensor:
+    """One table's optimizer state in the row store's layout [rows, state_dim]."""
+    i = ebc.feature_names.index(name)
+    start, rows = ebc.table_starts[i], ebc.tables[i].rows
+    state = ebc.optimizer_state().get("state_sum")
+    if state is None:  # SGD: no state
+        return torch.zeros(rows, 0)
+    return state[start:start + rows].unsqueeze(1)
 
 
 def train_cached(tmp_path, kind, policy, prefetch, batches, flush_at=(13, 27), device="cpu"):
@@ -102,7 +111,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("policy", list(RowCachePolicy))
 def test_cached_training_matches_in_memory(tmp_path, kind, policy, device):
     batches = make_batches(seed=11)
-    ref_losses, ref, ref_opt = train_plain(kind, batches)
+    ref_losses, ref = train_plain(kind, batches)
     losses, cached = train_cached(tmp_path, kind, policy, prefetch=True, batches=batches, device=device)
     rtol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels sum in another order
     try:
@@ -110,14 +119,15 @@ def test_cached_training_matches_in_memory(tmp_path, kind, policy, device):
         assert 0.2 < cached.stats.hit_rate < 0.95
         assert cached.stats.bytes_written > 0 and cached.stats.prefetched_rows > 0
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=rtol / 10)
-        for i, t in enumerate(TABLES):
+        ref_rows = ref.per_table_weights()
+        for t in TABLES:
             weights, state = cached.table_rows(t.name)
-            torch.testing.assert_close(weights, ref.bags[t.name].weight.detach(), rtol=rtol, atol=rtol / 10)
-            torch.testing.assert_close(state, ref_opt.state[i], rtol=rtol, atol=rtol / 100)
+            torch.testing.assert_close(weights, ref_rows[t.name], rtol=rtol, atol=rtol / 10)
+            torch.testing.assert_close(state, plain_state(ref, t.name), rtol=rtol, atol=rtol / 100)
         # A flush makes the store alone hold the same rows.
         cached.flush()
         w_store, _ = cached.store.read("a", torch.arange(2000).numpy())
-        torch.testing.assert_close(torch.from_numpy(w_store), ref.bags["a"].weight.detach(),
+        torch.testing.assert_close(torch.from_numpy(w_store), ref_rows["a"],
                                    rtol=rtol, atol=rtol / 10)
     finally:
         cached.close()
@@ -135,3 +145,42 @@ def test_without_prefetch_the_result_is_bitwise_the_same(tmp_path):
     finally:
         with_pf.close()
         without_pf.close()
+
+
+@pytest.mark.parametrize("trainer_keys,row_cache_optimizer,message", [
+    ({"sparse_optimizer": "adam"}, "rowwise_adagrad", r"\[trainer\] sparse_optimizer = 'adam'.*\[row_cache\] optimizer"),
+    ({"optimizer": "adagrad"}, "rowwise_adagrad", r"\[trainer\] sparse_optimizer = 'adagrad'"),
+    ({"sparse_optimizer": "sgd"}, "rowwise_adagrad",
+     r"\[row_cache\] optimizer = 'rowwise_adagrad' differs from \[trainer\] sparse_optimizer = 'sgd'"),
+])
+def test_row_cache_trains_with_the_trainers_sparse_optimizer_only(tmp_path, trainer_keys, row_cache_optimizer,
+                                                                   message):
+    from engine.config import config_from_dict
+    from trainer.cached_embedding import build_cached_embeddings
+    from trainer.errors import TrainerConfigError
+
+    cfg = config_from_dict({
+        "schema": {"sparse": [{"name": "a", "rows": 100}]},
+        "trainer": {"embedding_dim": 4, "bottom_mlp": [4], "device": "cpu", **trainer_keys},
+        "row_cache": {"enabled": True, "path": str(tmp_path / "rows"), "cache_rows": 10,
+                      "optimizer": row_cache_optimizer},
+    })
+    with pytest.raises(TrainerConfigError, match=message):
+        build_cached_embeddings(cfg)
+
+
+def test_row_cache_uses_the_sparse_learning_rate(tmp_path):
+    from engine.config import config_from_dict
+    from trainer.cached_embedding import build_cached_embeddings
+
+    cfg = config_from_dict({
+        "schema": {"sparse": [{"name": "a", "rows": 100}]},
+        "trainer": {"embedding_dim": 4, "bottom_mlp": [4], "device": "cpu", "learning_rate": 0.5,
+                    "sparse_learning_rate": 0.02, "sparse_optimizer": "sgd"},
+        "row_cache": {"enabled": True, "path": str(tmp_path / "rows"), "cache_rows": 10, "optimizer": "sgd"},
+    })
+    ebc = build_cached_embeddings(cfg)
+    try:
+        assert ebc.learning_rate == 0.02
+    finally:
+        ebc.close()

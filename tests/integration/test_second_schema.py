@@ -4,11 +4,11 @@ filters works from config alone (examples/configs/shop_events.toml)."""
 from __future__ import annotations
 
 import random
-import tomllib
 from pathlib import Path
 
 import orjson
 import pyarrow as pa
+import tomllib
 
 from tests.integration.engine_helpers import cached_table, headrace, last_json, write_config
 

@@ -13,7 +13,12 @@ from kafka import KafkaProducer
 
 from storage.batch_cache import BatchCache
 from tests.integration.engine_helpers import (
-    cache_counts, small_config_doc, start_headrace, stop, wait_until, write_config,
+    cache_counts,
+    small_config_doc,
+    start_headrace,
+    stop,
+    wait_until,
+    write_config,
 )
 
 PARTITIONS = 2

@@ -13,7 +13,15 @@ from storage.batch_cache import BatchCache
 from streams.producer import produce_values
 from streams.synthetic import generate_payloads
 from tests.integration.engine_helpers import (
-    SMALL_SPEC, cache_counts, headrace, last_json, small_config_doc, start_headrace, stop, wait_until, write_config,
+    SMALL_SPEC,
+    cache_counts,
+    headrace,
+    last_json,
+    small_config_doc,
+    start_headrace,
+    stop,
+    wait_until,
+    write_config,
 )
 
 

@@ -1,5 +1,5 @@
 """Pieces of sharded training that need no second process: each rank's slice of a batch,
-the torchrun environment, and a one-rank sharded collection against the plain one."""
+the torchrun environment, and a one-rank sharded collection against the plain (fused) one."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import TrainerError
-from tests.integration.test_sharded_train import GLOBAL_BATCH, TABLES, make_batches, make_cfg, reference_run
+from tests.integration.test_sharded_train import (
+    GLOBAL_BATCH,
+    TABLES,
+    bce,
+    make_batches,
+    make_cfg,
+    make_optimizer,
+    reference_run,
+    train_steps,
+)
 from trainer.dist import DistContext, init_from_env, init_process_group
-from trainer.embedding import EmbeddingBagCollection
-from trainer.model import tables_from_config
+from trainer.model import DLRM, fused_embeddings_from_config
 from trainer.planner import plan_from_config
 from trainer.sharding import build_sharded_embeddings, local_slice
 
@@ -60,14 +68,38 @@ def test_one_rank_sharded_forward_equals_plain_collection(tmp_path):
     ctx = init_process_group(0, 1, f"file://{tmp_path}/init")
     try:
         emb = build_sharded_embeddings(cfg, plan_from_config(cfg, 1, "cpu"), ctx)
-        plain = EmbeddingBagCollection(tables_from_config(cfg), seed=cfg.trainer.seed)
-        for batch in make_batches(2):
-            assert batch.sparse["b"].weights is not None
-            got, want = emb(batch.sparse), plain(batch.sparse)
-            assert got.shape == (GLOBAL_BATCH, len(TABLES), 8)
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        plain = fused_embeddings_from_config(cfg)
+        assert list(emb.parameters()) == []  # rows are buffers of fused collections
+        with torch.no_grad():
+            for batch in make_batches(2):
+                assert batch.sparse["b"].weights is not None
+                got, want = emb(batch.sparse), plain(batch.sparse)
+                assert got.shape == (GLOBAL_BATCH, len(TABLES), 8)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         with pytest.raises(TrainerError, match="lacks sparse feature"):
             emb({"a": batch.sparse["a"]})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sparse,dtype", [("rowwise_adagrad", "bf16"), ("adam", "fp32"), ("sgd", "fp16")])
+def test_one_rank_sharded_training_is_bitwise_plain_training(tmp_path, sparse, dtype):
+    """One rank, table-wise and replicated tables: the same gradients reach the same rows in
+    the same order, so every update, 16-bit stochastic rounding included (plain training's
+    random bits for the same row and column), is bitwise plain training's."""
+    forced = {"a": "table_wise", "b": "table_wise", "c": "data_parallel", "d": "table_wise"}
+    cfg = make_cfg(forced, sparse=sparse, dtype=dtype)
+    ref = reference_run(cfg, make_batches())
+    ctx = init_process_group(0, 1, f"file://{tmp_path}/init")
+    try:
+        emb = build_sharded_embeddings(cfg, plan_from_config(cfg, 1, "cpu"), ctx)
+        model = DLRM.from_config(cfg, embeddings=emb)
+        losses = train_steps(model, emb, make_optimizer(cfg, model.parameters()), make_batches())
+        assert losses == ref["losses"] and emb.sparse_steps == ref["steps"] == len(losses)
+        for name in TABLES:
+            assert torch.equal(emb.full_table(name), ref["tables"][name]), name
+            for key, want in ref["states"][name].items():
+                assert torch.equal(emb.full_table(name, state=key), want), (name, key)
     finally:
         dist.destroy_process_group()
 
@@ -88,7 +120,6 @@ def test_measured_table_stats_from_batches():
 def _torchrun_main(out_path: str) -> None:
     """What ``headrace train`` does per rank under torchrun, in miniature: join from the
     environment, plan, build, train two steps on this rank's slices, report."""
-    from trainer.model import DLRM
     from trainer.sharding import wrap_data_parallel
 
     torch.set_num_threads(1)
@@ -97,15 +128,15 @@ def _torchrun_main(out_path: str) -> None:
         cfg = make_cfg({"a": "row_wise", "b": "column_wise"})
         emb = build_sharded_embeddings(cfg, plan_from_config(cfg, ctx.world_size, "cpu"), ctx)
         model = wrap_data_parallel(DLRM.from_config(cfg, embeddings=emb), ctx)
-        opt = torch.optim.Adagrad(model.parameters(), lr=cfg.trainer.learning_rate)
+        opt = make_optimizer(cfg, model.parameters())
         losses = []
         for b in make_batches(2):
             local = local_slice(b, *ctx.slice_of(b.batch_size))
             opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(local.dense, local.sparse), local.labels) * ctx.loss_scale(b.batch_size)
+            loss = bce(model(local.dense, local.sparse), local.labels) * ctx.loss_scale(b.batch_size)
             loss.backward()
             opt.step()
+            emb.sparse_step()
             mean = loss.detach().clone()
             dist.all_reduce(mean)
             losses.append(float(mean) / ctx.world_size)
@@ -117,7 +148,7 @@ def _torchrun_main(out_path: str) -> None:
 
 def test_torchrun_launch_trains_sharded(tmp_path):
     """``torchrun`` (torch.distributed.run) starts 2 ranks that join through the environment
-    and train like one process on the whole batches."""
+    and train like one plain process on the whole batches."""
     out = tmp_path / "result.pt"
     code = ("import sys; from tests.integration.test_sharded_local import _torchrun_main; "
             "_torchrun_main(sys.argv[1])")
@@ -130,5 +161,5 @@ def test_torchrun_launch_trains_sharded(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = torch.load(out, weights_only=True)
     assert (res["world"], res["backend"]) == (2, "gloo")
-    ref_losses, _ = reference_run(make_cfg({"a": "row_wise", "b": "column_wise"}), make_batches(2))
-    assert res["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    ref = reference_run(make_cfg({"a": "row_wise", "b": "column_wise"}), make_batches(2))
+    assert res["losses"] == pytest.approx(ref["losses"], abs=1e-5)

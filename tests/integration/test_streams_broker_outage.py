@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.config.core import KafkaClientKind, SourceConfig
+from engine.config import KafkaClientKind, SourceConfig
 from streams.admin import create_topic
 from streams.broker import EmbeddedBroker
 from streams.kafka_client import open_reader

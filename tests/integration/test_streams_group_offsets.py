@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config.core import KafkaClientKind, SourceConfig
+from engine.config import KafkaClientKind, SourceConfig
 from streams.group_offsets import commit_group_offsets, committed_group_offsets
 
 CLIENTS = [KafkaClientKind.KAFKA_PYTHON, pytest.param(KafkaClientKind.CONFLUENT, id="confluent")]

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from engine.config.core import KafkaClientKind, SourceConfig, StartPosition
-from engine.errors import ConfigError
+from engine.config import KafkaClientKind, SourceConfig, StartPosition
+from streams.errors import SourceConfigError
 from streams.kafka_client import offsets_for_times, open_reader
 from streams.offsets import exact_offsets_for_times, log_end_offsets
 from streams.producer import produce_values
@@ -102,11 +102,11 @@ def test_latest_start_reads_only_new_records(broker, new_topic, client):
 def test_bad_client_options_are_config_errors(broker, new_topic):
     topic = new_topic(1)
     bad_py = _cfg(broker, topic, KafkaClientKind.KAFKA_PYTHON, client_options={"not.an.option": "1"})
-    with pytest.raises(ConfigError, match="not.an.option"):
+    with pytest.raises(SourceConfigError, match="not.an.option"):
         open_reader(bad_py, topic, 0, 0)
     pytest.importorskip("confluent_kafka")
     bad_ck = _cfg(broker, topic, KafkaClientKind.CONFLUENT, client_options={"not.an.option": "1"})
-    with pytest.raises(ConfigError, match="librdkafka"):
+    with pytest.raises(SourceConfigError, match="librdkafka"):
         open_reader(bad_ck, topic, 0, 0)
 
 

@@ -11,9 +11,10 @@ from apache_beam.testing.util import assert_that
 
 from engine.config import config_from_dict
 from engine.errors import PluginError
+from storage.mapping_store import MappingStore
 from streams.synthetic import SyntheticSpec, generate_payloads, synthetic_config_dict
-from transforms.beam_steps import ApplyPlugins, ProcessBatches, _ProcessFn, reload_due
-from transforms.elements import Reason, Stage
+from transforms.beam_steps import ApplyPlugins, ProcessBatches, RequiredColumns, _ProcessFn, reload_due
+from transforms.elements import Reason, Stage, id_column
 from transforms.mappers import DoubleHashMapper, MappingSet, ModuloMapper
 from transforms.plugin_api import from_record_batch, map_batches, to_record_batch, with_column
 from transforms.process import TransformSpec, output_schema, process_batch, source_batch
@@ -29,13 +30,13 @@ def _options():
 def setup(tmp_path):
     cfg = config_from_dict(synthetic_config_dict(SYN, rows=64))
     spec = TransformSpec.from_config(cfg)
-    mdir = str(tmp_path / "mappings")
+    store = MappingStore(tmp_path / "mappings")
     ms = MappingSet(3, {s.name: (DoubleHashMapper(64) if s.name == "c2" else ModuloMapper(64)) for s in cfg.schema.sparse})
-    ms.save(mdir)
+    store.save(ms)
     payloads = generate_payloads(SYN, 90, bad_fraction=0.1)
     batches = [source_batch(payloads[i:i + 30], topic="ev", partition=p, start_offset=i)
                for p, i in enumerate(range(0, 90, 30))]
-    return spec, ms, mdir, batches
+    return spec, ms, store, batches
 
 
 def _clip(rb):
@@ -56,7 +57,7 @@ def _explode_on_partition_1(rb):
 
 
 def test_process_and_plugins_keep_the_accounting(setup):
-    spec, ms, mdir, batches = setup
+    spec, ms, store, batches = setup
     required = output_schema(spec, ms)
 
     def check(outputs):
@@ -81,7 +82,7 @@ def test_process_and_plugins_keep_the_accounting(setup):
 
     with BeamTestPipeline(options=_options()) as p:
         out = (p | beam.Create(batches)
-               | ProcessBatches(spec, mdir)
+               | ProcessBatches(spec, store)
                | ApplyPlugins([("clip", map_batches(_clip, name="clip")), ("drop-pos", DropPositives()),
                                ("explode", map_batches(_explode_on_partition_1, name="explode"))],
                               required=required))
@@ -96,10 +97,10 @@ class Rebuild(beam.PTransform):
 
 
 def test_plugin_that_drops_metadata_is_named(setup):
-    spec, ms, mdir, batches = setup
+    spec, ms, store, batches = setup
     with pytest.raises(Exception) as ei:
         with BeamTestPipeline(options=_options()) as p:
-            _ = p | beam.Create(batches[:1]) | ProcessBatches(spec, mdir) | ApplyPlugins([("rebuild", Rebuild())])
+            _ = p | beam.Create(batches[:1]) | ProcessBatches(spec, store) | ApplyPlugins([("rebuild", Rebuild())])
     assert "plugin 'rebuild'" in str(ei.value) and "metadata" in str(ei.value)
 
 
@@ -124,13 +125,32 @@ def test_plugin_output_checks(setup):
         ApplyPlugins([("f", _clip)])
 
 
+def test_required_columns_are_the_trainers(setup):
+    spec, ms, _, batches = setup
+    required = RequiredColumns.for_trainer(spec)
+    assert required.typed.names == ["label", "i1", "i2"] and required.named == ("c1", "c2", "c3")
+    # c2's rows are lists under the stored (double) mapper, int64 under the default one: a
+    # re-fit may switch between them mid-stream, so both pass
+    for mappings in (ms, MappingSet.default(spec.schema)):
+        rb = to_record_batch(process_batch(batches[0], spec, mappings))
+        assert required.check(rb, "p") is rb
+    for column in ("label", "i2", "c2"):
+        with pytest.raises(PluginError, match=f"plugin 'p' dropped column '{column}'"):
+            required.check(rb.drop_columns([column]), "p")
+    with pytest.raises(PluginError, match="plugin 'p' changed column 'i1'"):
+        required.check(with_column(rb, "i1", pc.cast(rb.column("i1"), pa.float64())), "p")
+    assert required.check(rb.drop_columns([id_column("c1")]), "p").num_rows == rb.num_rows  # not read by the trainer
+    with pytest.raises(TypeError, match="MappingStore"):
+        ProcessBatches(spec, "/a/mappings/dir")  # a directory is storage's business
+
+
 def test_dofn_picks_up_a_newer_mapping_version(setup, tmp_path):
     spec, ms, _, batches = setup
-    mdir = str(tmp_path / "fresh")
-    fn = _ProcessFn(spec, mdir, reload_every_s=0.0, default_mapper="modulo")
+    store = MappingStore(tmp_path / "fresh")
+    fn = _ProcessFn(spec, store, reload_every_s=0.0, default_mapper="modulo")
     fn.setup()
     assert next(iter(fn.process(batches[0]))).mapping_version == 0  # none stored: default set
-    MappingSet(1, {k: ModuloMapper(64) for k in ms.mappers}).save(mdir)
+    store.save(MappingSet(1, {k: ModuloMapper(64) for k in ms.mappers}))
     assert next(iter(fn.process(batches[0]))).mapping_version == 1
     assert reload_due(10.0, 0.0, 10.0) and not reload_due(9.9, 0.0, 10.0)
 

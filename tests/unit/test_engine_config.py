@@ -7,7 +7,12 @@ import dataclasses
 import pytest
 
 from engine.config import (
-    EventFormat, HeadraceConfig, KafkaClientKind, config_from_dict, load_config, replace_in,
+    EventFormat,
+    HeadraceConfig,
+    KafkaClientKind,
+    config_from_dict,
+    load_config,
+    replace_in,
 )
 from engine.errors import ConfigError
 

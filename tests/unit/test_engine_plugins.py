@@ -9,9 +9,14 @@ import apache_beam as beam
 import pyarrow as pa
 import pytest
 
+from engine.config import config_from_dict
 from engine.errors import PluginError
+from engine.pipeline import plugin_step
 from engine.plugins import load_plugin, load_plugins
 from examples.plugins import ClipDense, clip_dense
+from streams.synthetic import SyntheticSpec, generate_payloads, synthetic_config_dict
+from transforms.mappers import MappingSet
+from transforms.process import TransformSpec, process_batch, source_batch
 
 
 @pytest.fixture
@@ -23,6 +28,7 @@ def plugin_module():
     mod.needs_args = lambda low: ClipDense(low=low)
     mod.not_a_transform = 42
     mod.returns_wrong = lambda: "nope"
+    mod.DropDense = DropColumn
     sys.modules[mod.__name__] = mod
     yield mod.__name__
     del sys.modules[mod.__name__]
@@ -53,6 +59,33 @@ def test_errors(plugin_module, spec, fragment):
     assert fragment in str(err.value)
 
 
+class DropColumn(beam.PTransform):
+    """A broken plugin: drops a column the trainer reads (the configured dense ``i1``)."""
+
+    def __init__(self, column: str = "i1"):
+        super().__init__()
+        self.column = column
+
+    def expand(self, batches):
+        return batches | beam.Map(lambda rb, c=self.column: rb.drop_columns([c]))
+
+
+def test_a_plugin_dropping_a_configured_column_fails_naming_both(plugin_module):
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    spec = SyntheticSpec(num_dense=2, num_sparse=2, cardinality=50)
+    doc = synthetic_config_dict(spec, rows=32)
+    doc["pipeline"] = {"plugins": ["examples.plugins:ClipDense", f"{plugin_module}:DropDense"]}
+    cfg = config_from_dict(doc)
+    pb = process_batch(source_batch(generate_payloads(spec, 20)), TransformSpec.from_config(cfg),
+                       MappingSet.default(cfg.schema))
+    step = plugin_step(cfg)
+    with pytest.raises(PluginError, match=f"plugin '{plugin_module}:DropDense' dropped column 'i1'"):
+        with beam.Pipeline(runner=FnApiRunner()) as p:
+            _ = p | beam.Create([pb]) | step
+    assert plugin_step(config_from_dict(synthetic_config_dict(spec, rows=32))) is None
+
+
 def test_clip_dense_keeps_metadata_and_label():
     rb = pa.RecordBatch.from_pydict({"label": pa.array([1.0, 0.0], pa.float32()), "x": pa.array([5.0, -7.0], pa.float32()),
                                      "c": pa.array([3, 4], pa.int64())}).replace_schema_metadata({b"headrace.k": b"v"})
@@ -65,8 +98,8 @@ def test_clip_dense_keeps_metadata_and_label():
 
 
 def test_clip_dense_in_a_pipeline():
-    from apache_beam.testing.util import assert_that, equal_to
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that, equal_to
 
     rb = pa.RecordBatch.from_pydict({"x": pa.array([5.0, 0.5], pa.float32())})
     with beam.Pipeline(runner=FnApiRunner()) as p:

@@ -7,7 +7,12 @@ import pytest
 
 from engine.errors import MappingError
 from transforms.hash_fit import (
-    IdStats, LearnedFitParams, balanced_clusters, embedding_vectors, fit_frequency, fit_learned,
+    IdStats,
+    LearnedFitParams,
+    balanced_clusters,
+    embedding_vectors,
+    fit_frequency,
+    fit_learned,
     mapping_report,
 )
 from transforms.mappers import ModuloMapper, load_mapper

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import MappingError
+from storage.mapping_store import MappingStore
 from transforms.hash_kernels import EMPTY_KEY, build_table, hash_rows
 from transforms.learned_hash import FrequencyMapper, LearnedMapper
 from transforms.mappers import MappingSet, load_mapper, make_mapper
@@ -137,8 +139,8 @@ def test_round_trip_bytes_and_mapping_set(cls, tmp_path):
     ids = np.concatenate([m.keys[:500], rng.integers(I64_MIN, I64_MAX, 500, dtype=np.int64), EXTREMES])
     assert np.array_equal(back.map(ids), m.map(ids))
     ms = MappingSet(3, {"a": m, "b": make_mapper("modulo", 17)})
-    ms.save(tmp_path)
-    loaded = MappingSet.load(tmp_path)
+    MappingStore(tmp_path).save(ms)
+    loaded = MappingStore(tmp_path).load()
     assert loaded.version == 3 and loaded == ms
     assert np.array_equal(loaded["a"].map(ids), m.map(ids))
     with pytest.raises(MappingError, match="checksum"):

@@ -11,7 +11,7 @@ from engine.errors import TrainerError
 from trainer.migrate import migrate_model, migrate_table
 from trainer.model import DLRM
 from trainer.optim import build_optimizer
-from transforms.hash_fit import IdStats, fit_learned, LearnedFitParams
+from transforms.hash_fit import IdStats, LearnedFitParams, fit_learned
 from transforms.mappers import DoubleHashMapper, ModuloMapper
 
 
@@ -82,7 +82,7 @@ def test_migrate_model_moves_tables_and_adagrad_state():
                                        "sparse": [{"name": "a", "rows": 32}, {"name": "b", "rows": 16}]},
                             "trainer": {"embedding_dim": 4, "bottom_mlp": [4]}})
     model = DLRM.from_config(cfg)
-    opt = build_optimizer(cfg.trainer.optimizer, model.parameters(), 0.1)
+    opt = build_optimizer(cfg.trainer.dense_optimizer_kind, model.parameters(), 0.1)
     from trainer.batch import Jagged
     out = model(torch.randn(8, 1), {"a": Jagged(torch.arange(8), torch.arange(9)),
                                     "b": Jagged(torch.arange(8), torch.arange(9))})
@@ -109,5 +109,40 @@ def test_migrate_rejects_mismatched_shapes():
     with pytest.raises(TrainerError, match="rows equal"):
         migrate_table(torch.zeros(10, 2), [], ModuloMapper(10), ModuloMapper(12), np.zeros(0, np.int64), np.zeros(0))
     with pytest.raises(TrainerError, match="optimizer state"):
-        migrate_table(torch.zeros(10, 2), [torch.zeros(10, 3)], ModuloMapper(10), ModuloMapper(10),
+        migrate_table(torch.zeros(10, 2), [torch.zeros(11, 2)], ModuloMapper(10), ModuloMapper(10),
                       np.zeros(0, np.int64), np.zeros(0))
+
+
+def test_migrate_model_moves_fused_rows_and_rowwise_state_in_place():
+    from trainer.batch import Jagged
+    from trainer.model import fused_embeddings_from_config
+
+    cfg = config_from_dict({"schema": {"dense": [{"name": "x"}],
+                                       "sparse": [{"name": "a", "rows": 32}, {"name": "b", "rows": 16}]},
+                            "trainer": {"embedding_dim": 4, "bottom_mlp": [4]}})
+    model = DLRM.from_config(cfg, fused_embeddings_from_config(cfg))
+    emb = model.embeddings
+    out = model(torch.randn(8, 1), {"a": Jagged(torch.arange(8), torch.arange(9)),
+                                    "b": Jagged(torch.arange(8) * 2, torch.arange(9))})
+    out.sum().backward()
+    emb.sparse_step()
+    st = stats(100, seed=2)
+    old = {"a": ModuloMapper(32), "b": ModuloMapper(16)}
+    new = {"a": fit_learned(st, 32), "b": old["b"]}
+    wa0 = emb.per_table_weights()["a"].clone()
+    sa0 = emb.state_sum[:32].clone()
+    b0 = emb.per_table_weights()["b"].clone()
+    report = migrate_model(model, None, old, new, {"a": (st.ids, st.counts)})
+    assert report == {"a": 100}
+    np.testing.assert_allclose(emb.per_table_weights()["a"].numpy(),
+                               reference(wa0.numpy(), old["a"], new["a"], st.ids, st.counts),
+                               rtol=1e-5, atol=1e-6)
+    # the row-wise accumulator (one value per row) moves like a one-column state table
+    np.testing.assert_allclose(emb.state_sum[:32].numpy(),
+                               reference(sa0[:, None].numpy(), old["a"], new["a"], st.ids, st.counts,
+                                         state=True)[:, 0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(emb.per_table_weights()["b"], b0)
+    # and the checkpoint reader splits the fused buffer back into tables
+    from trainer.migrate import _checkpoint_table_rows
+    rows = _checkpoint_table_rows(model.state_dict(), cfg)
+    assert torch.equal(rows["a"], emb.per_table_weights()["a"]) and rows["b"].shape == (16, 4)

@@ -7,11 +7,10 @@ import pytest
 
 from engine.config import config_from_dict
 from engine.errors import MappingError
-from engine.fit_hash import RefitScheduler, current_mappings, fit_from_cache, mappings_dir
+from engine.fit_hash import RefitScheduler, current_mappings, fit_from_cache, mapping_store
 from storage.batch_cache import BatchCache
 from storage.id_stats import IdStatsStore
 from streams.synthetic import SyntheticSpec, generate_payloads, synthetic_config_dict
-from transforms.mappers import MappingSet
 from transforms.process import TransformSpec, process_batch, source_batch
 
 SPEC = SyntheticSpec(num_dense=1, num_sparse=2, cardinality=400, seed=3)
@@ -40,12 +39,12 @@ def test_scheduler_fits_once_per_period_and_skips_without_data(tmp_path):
         ingest(cache, cfg, 0, 100)
         now[0] += 10.0
         skipped = sched.maybe_refit()
-        assert "min_events_to_fit" in skipped["skipped"] and MappingSet.versions(mappings_dir(cfg)) == []
+        assert "min_events_to_fit" in skipped["skipped"] and mapping_store(cfg).versions() == []
         ingest(cache, cfg, 100, 1500)
         assert sched.maybe_refit() is None  # retried only at the next period
         now[0] += 10.0
         rep = sched.maybe_refit()
-        assert rep["version"] == 1 and MappingSet.versions(mappings_dir(cfg)) == [1]
+        assert rep["version"] == 1 and mapping_store(cfg).versions() == [1]
         for f in ("c1", "c2"):
             fr = rep["features"][f]
             assert fr["fitted"] and fr["mapper"] == "learned" and not fr["used_embeddings"]
@@ -54,7 +53,7 @@ def test_scheduler_fits_once_per_period_and_skips_without_data(tmp_path):
         # batches processed from now on carry version 1; the stored set maps every id
         ingest(cache, cfg, 1600, 10)
         assert cache.read(cache.last_seq()).mapping_version == 1
-        ms = MappingSet.load(mappings_dir(cfg))
+        ms = mapping_store(cfg).load()
         rows = ms["c1"].map(np.arange(-5, 5, dtype=np.int64))
         assert rows.min() >= 0 and rows.max() < 64
         now[0] += 10.0

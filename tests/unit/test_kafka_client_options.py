@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pyarrow as pa
 import pytest
 
-from engine.config.core import KafkaClientKind
-from engine.errors import ConfigError, SourceError
+from engine.config import KafkaClientKind
+from streams.errors import SourceConfigError, SourceError
+from streams.kafka_backend import KafkaBackend, backend_for
 from streams.kafka_client import PartitionReader, build_records, kafka_python_options, resolve_client_kind
 from streams.records import RAW_SCHEMA
 
@@ -33,14 +37,14 @@ def test_dotted_and_librdkafka_names_translate_to_kafka_python():
 
 
 def test_unknown_option_names_the_key():
-    with pytest.raises(ConfigError, match="'no.such.thing'"):
+    with pytest.raises(SourceConfigError, match="'no.such.thing'"):
         kafka_python_options({"no.such.thing": "1"})
 
 
 def test_bad_value_type_names_key_and_value():
-    with pytest.raises(ConfigError, match=r"'request_timeout_ms' = 'soon' is not a valid int"):
+    with pytest.raises(SourceConfigError, match=r"'request_timeout_ms' = 'soon' is not a valid int"):
         kafka_python_options({"request_timeout_ms": "soon"})
-    with pytest.raises(ConfigError, match="not a valid bool"):
+    with pytest.raises(SourceConfigError, match="not a valid bool"):
         kafka_python_options({"ssl_check_hostname": "maybe"})
 
 
@@ -56,6 +60,26 @@ def test_client_kind_resolution():
     pytest.importorskip("confluent_kafka")
     assert resolve_client_kind(KafkaClientKind.AUTO) is KafkaClientKind.CONFLUENT
     assert resolve_client_kind(KafkaClientKind.CONFLUENT) is KafkaClientKind.CONFLUENT
+
+
+def test_backend_is_chosen_once_per_client_and_implements_the_protocol():
+    plain = backend_for(KafkaClientKind.KAFKA_PYTHON)
+    assert isinstance(plain, KafkaBackend) and plain.kind is KafkaClientKind.KAFKA_PYTHON
+    assert backend_for(KafkaClientKind.KAFKA_PYTHON) is plain
+    pytest.importorskip("confluent_kafka")
+    fast = backend_for(KafkaClientKind.CONFLUENT)
+    assert isinstance(fast, KafkaBackend) and fast.kind is KafkaClientKind.CONFLUENT
+    assert backend_for(KafkaClientKind.AUTO) is fast
+
+
+def test_only_the_backend_resolver_branches_on_the_client_kind():
+    # Everything else asks backend_for(); a new client is one new backend module.
+    streams_dir = pathlib.Path(__file__).resolve().parents[2] / "streams"
+    branching = sorted(
+        path.name for path in streams_dir.glob("*.py")
+        if path.name != "kafka_backend.py" and re.search(r"is(?: not)? KafkaClientKind\.", path.read_text())
+    )
+    assert branching == []
 
 
 def test_build_records_schema_and_values():

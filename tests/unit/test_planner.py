@@ -7,14 +7,34 @@ import random
 
 import pytest
 
-from engine.config import config_from_dict
-from engine.config.sharding import CommPrecision, DeviceKind, ShardingType
-from engine.errors import ConfigError, PlanError
-from trainer.cost_model import StepShape, TableStats, shard_cost, table_bytes
+from engine.config import DeviceKind, ShardingType, config_from_dict
+from engine.errors import ConfigError
+from trainer.config import SparseOptimizerKind
+from trainer.cost_model import DType, StepShape, TableStats, optimizer_state_bytes_per_row, shard_cost, table_bytes
+from trainer.sparse_optim import state_bytes_per_row
+from trainer.errors import PlanError, TrainerConfigError
 from trainer.planner import Placement, PlannerOptions, even_splits, format_plan, plan, plan_from_config
 from trainer.topology import Topology
 
 MIB = 1 << 20
+
+
+def _doc(cfg) -> dict:
+    """The config document of a loaded config's schema and trainer (enums as their values)."""
+    import dataclasses
+    import enum
+
+    def plain(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        return v
+
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
+    return {"schema": plain(cfg.schema), "trainer": trainer, "sharding": {"enabled": True}}
 
 
 def cpu(world: int, per_host: int = 0, mem: int = 0) -> Topology:
@@ -49,13 +69,14 @@ def test_even_splits_first_ranges_are_longer():
 
 def test_single_rank_table_wise_memory_is_hand_checkable():
     t = TableStats("a", rows=1000, dim=8)
-    p = plan([t], cpu(1), opts(global_batch_size=64, optimizer_slots=1))
+    p = plan([t], cpu(1), opts(global_batch_size=64))
     tp = p.table("a")
     assert tp.sharding is ShardingType.TABLE_WISE and tp.placement is Placement.DEVICE
     (s,) = tp.shards
     assert (s.rank, s.row_start, s.row_end, s.col_start, s.col_end) == (0, 0, 1000, 0, 8)
-    # weights 4 B + gradient 4 B + adagrad state 4 B per element; ids 64 x 8 B; out + grad 2 x 64 x 8 x 4 B
-    assert s.device_bytes == 1000 * 8 * 12 + 64 * 8 + 2 * 64 * 8 * 4
+    # weights 4 B per element + row-wise Adagrad 4 B per row (no dense gradient); ids 64 x 8 B;
+    # out + grad 2 x 64 x 8 x 4 B; deduplicated row gradients (at most 64 rows) 64 x 8 x 4 B
+    assert s.device_bytes == 1000 * (8 * 4 + 4) + 64 * 8 + 2 * 64 * 8 * 4 + 64 * 8 * 4
     assert p.devices[0].device_bytes == s.device_bytes
     assert s.comm_s == 0.0  # one rank: nothing crosses the wire
 
@@ -114,7 +135,8 @@ def test_row_wise_shard_memory_is_a_quarter_of_table_wise():
     topo = cpu(4)
     tw = shard_cost(t, ShardingType.TABLE_WISE, 4000, 8, 1, topo, shape)
     rw = shard_cost(t, ShardingType.ROW_WISE, 1000, 8, 4, topo, shape)
-    assert tw.device_bytes - rw.device_bytes == 3000 * 8 * 12 + 3 * 16 * 8  # rows + a share of the ids
+    # rows (weights + row-wise state) + a share of the ids and of their row gradients
+    assert tw.device_bytes - rw.device_bytes == 3000 * (8 * 4 + 4) + 3 * 16 * 8 + 3 * 16 * 8 * 4
     assert rw.comm_s > tw.comm_s / 4  # row-wise ships full partial sums
 
 
@@ -147,8 +169,9 @@ def test_cached_placement_when_only_the_row_cache_fits():
     assert tp.placement is Placement.CACHED and tp.cache_rows == 10_000
     s = tp.shards[0]
     assert s.device_bytes < 16 * MIB
-    assert s.host_bytes == 1_000_000 * 16 * (4 + 4)  # rows + adagrad state behind the cache
-    assert s.device_bytes == 10_000 * 16 * 12 + 64 * 8 + 2 * 64 * 16 * 4  # only the cached rows
+    assert s.host_bytes == 1_000_000 * (16 * 4 + 4)  # rows + row-wise state behind the cache
+    # only the cached rows and their state, plus the step buffers
+    assert s.device_bytes == 10_000 * (16 * 4 + 4) + 64 * 8 + 2 * 64 * 16 * 4 + 64 * 16 * 4
 
 
 def test_infeasible_plan_says_by_how_much_and_how_to_fit():
@@ -187,8 +210,8 @@ def test_plans_are_deterministic_and_independent_of_input_order():
 def test_reduced_precision_halves_output_traffic():
     t = TableStats("u", rows=1000, dim=16)
     topo = cpu(4)
-    f32 = shard_cost(t, ShardingType.TABLE_WISE, 1000, 16, 1, topo, StepShape(64, 1, 4))
-    b16 = shard_cost(t, ShardingType.TABLE_WISE, 1000, 16, 1, topo, StepShape(64, 1, 2))
+    f32 = shard_cost(t, ShardingType.TABLE_WISE, 1000, 16, 1, topo, StepShape(64, comm_bytes_per_element=4))
+    b16 = shard_cost(t, ShardingType.TABLE_WISE, 1000, 16, 1, topo, StepShape(64, comm_bytes_per_element=2))
     ids = 0.75 * 64 * 8 / topo.intra_host_bw_bytes_per_s
     assert (b16.comm_s - ids) == pytest.approx((f32.comm_s - ids) / 2)
 
@@ -206,9 +229,9 @@ def test_plan_from_config_and_json():
     assert [t["name"] for t in d["tables"]] == ["a", "b"]
     assert d["tables"][0]["sharding"] == "column_wise"
     assert len(d["devices"]) == 4 and all("device_bytes" in x and "step_s" in x for x in d["devices"])
-    with pytest.raises(ConfigError, match="at least 128"):
+    with pytest.raises(TrainerConfigError, match="at least 128"):
         plan_from_config(cfg, 128, "cpu")
-    with pytest.raises(ConfigError, match="auto"):
+    with pytest.raises(TrainerConfigError, match="auto"):
         plan_from_config(cfg, 4, DeviceKind.AUTO)
     h200 = plan_from_config(cfg, 4, "h200")
     assert h200.devices[0].device_budget_bytes > plan_from_config(cfg, 4, "h100").devices[0].device_budget_bytes
@@ -221,10 +244,41 @@ def test_sharding_config_rejects_bad_values():
         config_from_dict({"schema": {"dense": [{"name": "x"}]}, "sharding": {"memory_headroom_fraction": 1.5}})
 
 
-def test_table_bytes_counts_optimizer_slots():
+def test_table_bytes_counts_the_sparse_optimizer_state():
     t = TableStats("u", rows=10, dim=4)
-    assert table_bytes(t, StepShape(8, optimizer_slots=0)) == 10 * 4 * 8
-    assert table_bytes(t, StepShape(8, optimizer_slots=2)) == 10 * 4 * 16
+    assert table_bytes(t, StepShape(8)) == 10 * (4 * 4 + 4)  # row-wise Adagrad: 4 B a row
+    assert table_bytes(t, StepShape(8, sparse_optimizer=SparseOptimizerKind.SGD)) == 10 * 4 * 4
+    assert table_bytes(t, StepShape(8, sparse_optimizer=SparseOptimizerKind.ADAGRAD)) == 10 * 4 * 8
+    assert table_bytes(t, StepShape(8, sparse_optimizer=SparseOptimizerKind.ADAM)) == 10 * 4 * 12
+    assert table_bytes(TableStats("h", rows=10, dim=4, dtype=DType.BF16), StepShape(8)) == 10 * (4 * 2 + 4)
+
+
+@pytest.mark.parametrize("kind", list(SparseOptimizerKind))
+def test_state_bytes_follow_the_optimizer_implementation(kind):
+    for dim in (1, 16, 128):
+        assert optimizer_state_bytes_per_row(kind, dim) == state_bytes_per_row(kind, dim)
+
+
+def test_criteo_1tb_tables_at_d128_fit_on_two_h100():
+    # TorchRec's Criteo-1TB cardinalities capped at 40M rows: 163M rows, 83.5 GB of fp32
+    # weights at D=128; row-wise Adagrad adds 0.65 GB (element-wise Adagrad would add 83.5).
+    caps = [45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138,
+            10, 2209, 11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35]
+    cfg = config_from_dict({
+        "schema": {"dense": [{"name": f"d{i}"} for i in range(13)],
+                   "sparse": [{"name": f"c{i}", "rows": min(c, 40_000_000)} for i, c in enumerate(caps)]},
+        "trainer": {"embedding_dim": 128, "bottom_mlp": [512, 256, 128], "batch_size": 65536},
+        "sharding": {"enabled": True},
+    })
+    p = plan_from_config(cfg, 2, "h100")
+    for d in p.devices:
+        assert d.device_bytes <= d.device_budget_bytes  # the budget keeps 20% headroom
+        assert d.device_bytes < 0.8 * 80e9
+    with pytest.raises(PlanError):  # one H100 cannot hold them
+        plan_from_config(cfg, 1, "h100")
+    element_wise = config_from_dict({**_doc(cfg), "trainer": {**_doc(cfg)["trainer"], "sparse_optimizer": "adagrad"}})
+    with pytest.raises(PlanError):  # element-wise state doubles the bytes: two do not suffice
+        plan_from_config(element_wise, 2, "h100")
 
 
 def test_row_cache_config_allows_a_cached_placement_in_plan_from_config():
@@ -242,11 +296,14 @@ def test_row_cache_config_allows_a_cached_placement_in_plan_from_config():
 def test_sparse_updates_charge_only_touched_rows():
     t = TableStats("u", rows=1_000_000, dim=16)
     topo = cpu(1)
-    dense = shard_cost(t, ShardingType.TABLE_WISE, 1_000_000, 16, 1, topo, StepShape(64))
-    sparse = shard_cost(t, ShardingType.TABLE_WISE, 1_000_000, 16, 1, topo, StepShape(64, sparse_updates=True))
-    per_row = 16 * (2 * 4 + 8 * 1) / topo.device_bw_bytes_per_s
-    assert dense.compute_s - sparse.compute_s == pytest.approx((1_000_000 - 64) * per_row)
-    assert dense.device_bytes == sparse.device_bytes  # memory is the same: the state is dense
+    big = shard_cost(t, ShardingType.TABLE_WISE, 1_000_000, 16, 1, topo, StepShape(64))
+    small = shard_cost(t, ShardingType.TABLE_WISE, 1000, 16, 1, topo, StepShape(64))
+    assert big.compute_s == pytest.approx(small.compute_s)  # both update the 64 rows they saw
+    assert big.device_bytes - small.device_bytes == 999_000 * (16 * 4 + 4)
+    # a data-parallel replica is a DDP parameter: dense gradient and a full optimizer update
+    replica = shard_cost(t, ShardingType.DATA_PARALLEL, 1_000_000, 16, 1, topo, StepShape(64))
+    assert replica.compute_s > 1000 * big.compute_s
+    assert replica.device_bytes > 1_000_000 * 16 * 12
 
 
 def test_row_cached_table_cannot_be_forced_to_another_sharding():
@@ -268,7 +325,7 @@ def test_measured_statistics_steer_the_plan_and_format_names_every_rank():
     a, b = p.table("a").shards[0], p.table("b").shards[0]
     # a's shard serves 15 ids per sample, b's one: a's lookups and id traffic cost more
     assert a.comm_s > b.comm_s
-    with pytest.raises(ConfigError, match="pooling"):
+    with pytest.raises(TrainerConfigError, match="pooling"):
         plan_from_config(cfg, 2, "cpu", stats={"a": {"pooling": 3.0}})
     text = format_plan(p)
     assert "table a:" in text and "rank 1 (host 0)" in text

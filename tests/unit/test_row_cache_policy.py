@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
+from engine.config import RowCachePolicy, RowOptimizerKind
 from trainer.row_cache_policy import make_policy
 from trainer.row_optim import RowWiseOptimizer, apply_row_update_
 

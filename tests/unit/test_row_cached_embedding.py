@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import config_from_dict
-from engine.config.row_cache import RowCachePolicy, RowOptimizerKind
+from engine.config import RowCachePolicy, RowOptimizerKind, config_from_dict
 from engine.errors import CheckpointError, ConfigError, TrainerError
 from trainer.batch import Jagged
 from trainer.cached_embedding import CachedEmbeddingBagCollection, build_cached_embeddings, open_row_store

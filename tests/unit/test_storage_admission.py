@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from engine.errors import CacheError
 from storage.admission import WriteStatus, admit, check, classify, decode_batch, encode_batch
 from storage.cache_keys import (
-    BatchMeta, dead_letter_key, parse_dead_letter_key, parse_partition_key, partition_key, seq_from_key, seq_key,
+    BatchMeta,
+    dead_letter_key,
+    parse_dead_letter_key,
+    parse_partition_key,
+    partition_key,
+    seq_from_key,
+    seq_key,
 )
 from storage.dead_letters import decode_dead_letter, encode_dead_letter, reason_of
 from tests.unit.test_storage_builders import make_pb, row_offsets

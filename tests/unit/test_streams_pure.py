@@ -1,40 +1,19 @@
-"""Pure parts of streams: broker wire probe, token bucket, key partitioning, log files,
+"""Pure parts of streams: token bucket, key partitioning, log files,
 time-window filtering."""
 
 from __future__ import annotations
 
 import gzip
-import struct
 
 import numpy as np
 import pytest
 
 from engine.errors import SourceError
-from streams.broker import decode_metadata_brokers, encode_metadata_request
 from streams.kafka_client import build_records
 from streams.logfiles import LogFormat, iter_lines, log_format
 from streams.producer import TokenBucket, key_partition, line_key
 from streams.records import SourceBatch
 from streams.replay import file_topic, filter_time_window, read_log_file
-
-
-def test_metadata_request_layout():
-    req = encode_metadata_request(7, b"c")
-    size, api_key, version, corr, cid_len = struct.unpack_from(">ihhih", req)
-    assert (size, api_key, version, corr, cid_len) == (len(req) - 4, 3, 0, 7, 1)
-    assert req.endswith(b"c" + struct.pack(">i", 0))
-
-
-def test_metadata_response_decoding():
-    body = struct.pack(">ii", 9, 2)
-    for node, host, port in [(1, b"h1", 9092), (2, b"host2", 19092)]:
-        body += struct.pack(">ih", node, len(host)) + host + struct.pack(">i", port)
-    body += struct.pack(">i", 0)  # topics
-    assert decode_metadata_brokers(body, 9) == [(1, "h1", 9092), (2, "host2", 19092)]
-    with pytest.raises(ValueError, match="correlation id"):
-        decode_metadata_brokers(body, 10)
-    with pytest.raises(ValueError, match="too short"):
-        decode_metadata_brokers(b"\x00", 9)
 
 
 def test_token_bucket_paces_to_the_rate():

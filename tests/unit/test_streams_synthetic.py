@@ -8,7 +8,12 @@ import orjson
 
 from engine.config import config_from_dict
 from streams.synthetic import (
-    BAD_PAYLOADS, SyntheticSpec, generate_arrays, generate_events, generate_payloads, synthetic_config_dict,
+    BAD_PAYLOADS,
+    SyntheticSpec,
+    generate_arrays,
+    generate_events,
+    generate_payloads,
+    synthetic_config_dict,
 )
 
 SPEC = SyntheticSpec(num_dense=3, num_sparse=4, cardinality=300, seed=11)

@@ -11,7 +11,7 @@ from engine.errors import CheckpointError
 from trainer.batch import Jagged
 from trainer.checkpoint import CheckpointManager
 from trainer.data import Cursor
-from trainer.embedding import EmbeddingBagCollection
+from trainer.embedding import CollectionCapabilities, EmbeddingBagCollection
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import DLRM, tables_from_config
 from trainer.optim import build_optimizer
@@ -27,7 +27,7 @@ def _cfg(tmp_path, **trainer):
 
 def _parts(cfg, embeddings=None):
     model = DLRM.from_config(cfg, embeddings)
-    opt = build_optimizer(cfg.trainer.optimizer, model.parameters(), cfg.trainer.learning_rate)
+    opt = build_optimizer(cfg.trainer.dense_optimizer_kind, model.parameters(), cfg.trainer.dense_lr)
     return model, opt, ProgressiveMetrics(cfg.trainer.metrics_window)
 
 
@@ -93,7 +93,8 @@ def test_shape_and_optimizer_mismatch_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"top_mlp: checkpoint \[4\] vs config \[5\]"):
         CheckpointManager(wider.trainer.checkpoint_dir, wider).load(*_parts(wider))
     adam = _cfg(tmp_path, optimizer="adam")
-    with pytest.raises(CheckpointError, match="optimizer 'adagrad', config says 'adam'"):
+    with pytest.raises(CheckpointError,
+                       match="optimizer 'sparse=rowwise_adagrad,dense=adagrad', config says 'sparse=adam,dense=adam'"):
         CheckpointManager(adam.trainer.checkpoint_dir, adam).load(*_parts(adam))
     other_window = _cfg(tmp_path, metrics_window=51)
     with pytest.raises(CheckpointError, match="metrics_window"):
@@ -110,7 +111,9 @@ def test_damaged_file_is_a_checkpoint_error(tmp_path):
 
 class SelfCheckpointing(EmbeddingBagCollection):
     """A collection that stores its rows through the checkpoint hooks (as SSD-backed and
-    sharded collections do), here as a tensor under its own key."""
+    sharded collections do), here as a tensor under its own key; it says so in its capabilities."""
+
+    capabilities = CollectionCapabilities(own_checkpoint_state=True)
 
     def checkpoint_state(self):
         return {"rows": {n: b.weight.detach().clone() for n, b in self.bags.items()}}
@@ -134,4 +137,13 @@ def test_collection_hooks_store_rows(tmp_path):
     mgr.load(model2, opt2, metrics2)
     assert torch.equal(model2.embeddings.bags["u"].weight, model.embeddings.bags["u"].weight)
     with pytest.raises(CheckpointError, match="self-checkpointing"):
+        mgr.load(*_parts(cfg))
+
+
+def test_a_checkpoint_of_the_previous_format_says_how_to_go_on(tmp_path):
+    cfg = _cfg(tmp_path)
+    mgr = CheckpointManager(cfg.trainer.checkpoint_dir, cfg)
+    torch.save({"format_version": 1, "model": {}, "optimizer_kind": "adagrad"},
+               mgr.directory / "ckpt-000000000004.pt")
+    with pytest.raises(CheckpointError, match="written by headrace 0.1.*new directory"):
         mgr.load(*_parts(cfg))

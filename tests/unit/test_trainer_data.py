@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.errors import TrainerError
-from trainer.data import BatchLayout, Cursor, TrainingStream, assemble, Piece, rebatch
+from trainer.data import BatchLayout, Cursor, Piece, TrainingStream, assemble, rebatch
 
 LAYOUT = BatchLayout(label="label", dense=("x", "y"), sparse=("u", "m"), sparse_rows=(50, 9))
 

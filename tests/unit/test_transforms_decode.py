@@ -5,7 +5,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.config import config_from_dict
 from transforms.decode import Rejects, raw_buffers, validate

@@ -3,10 +3,11 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import FilterConfig
-from engine.errors import ConfigError
+from transforms.errors import TransformConfigError
 from transforms.filters import FilterOp, compile_filter, parse_clause
 
 
@@ -42,13 +43,13 @@ def test_grammar(text, field, op, values):
     ("__import__('os') present", "expected"),
 ])
 def test_bad_clauses_name_the_clause(text, needle):
-    with pytest.raises(ConfigError) as ei:
+    with pytest.raises(TransformConfigError) as ei:
         parse_clause(text)
     assert needle in str(ei.value) and repr(text) in str(ei.value)
 
 
 def test_mixed_literal_types_for_one_field():
-    with pytest.raises(ConfigError, match="both numbers and strings"):
+    with pytest.raises(TransformConfigError, match="both numbers and strings"):
         compile_filter(FilterConfig(where=("x > 1", "x != 'a'")))
 
 

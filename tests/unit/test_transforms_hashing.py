@@ -3,10 +3,16 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transforms.hashing import (
-    MISSING_ID, hash_bytes_value, hash_int_value, hash_ints, hash_strings, unit_interval,
+    MISSING_ID,
+    hash_bytes_value,
+    hash_int_value,
+    hash_ints,
+    hash_strings,
+    unit_interval,
 )
 
 I64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)

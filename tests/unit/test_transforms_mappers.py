@@ -1,16 +1,24 @@
-"""Id mappers: modulo/double kernels vs Python, byte format, registry, MappingSet files."""
+"""Id mappers: modulo/double kernels vs Python, byte format, registry, MappingSet bytes
+(files: tests/unit/test_storage_mapping_store.py)."""
 
 import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import SchemaConfig, SparseFeature
 from engine.errors import MappingError
 from transforms.hashing import MISSING_ID
 from transforms.mappers import (
-    DoubleHashMapper, IdMapper, MappingSet, ModuloMapper, load_mapper, make_mapper, register_mapper,
+    DoubleHashMapper,
+    IdMapper,
+    MappingSet,
+    ModuloMapper,
+    load_mapper,
+    make_mapper,
+    register_mapper,
     registered_mappers,
 )
 
@@ -133,29 +141,15 @@ def _schema(rows=(10, 20)):
     return SchemaConfig(sparse=tuple(SparseFeature(f"c{i}", rows=r) for i, r in enumerate(rows)))
 
 
-def test_mapping_set_save_load_latest(tmp_path):
+def test_mapping_set_bytes_round_trip():
     schema = _schema()
-    d = tmp_path / "maps"
-    assert MappingSet.versions(d) == []
-    with pytest.raises(MappingError, match="no mapping sets"):
-        MappingSet.load(d)
     v0 = MappingSet.default(schema)
     assert v0.version == 0 and v0["c1"].rows == 20 and isinstance(v0["c0"], ModuloMapper)
-    v0.save(d)
     v1 = MappingSet(1, {"c0": DoubleHashMapper(10), "c1": ModuloMapper(20)})
-    path = v1.save(d)
-    assert path.endswith("mappings-000000000001.hrms")
-    assert MappingSet.versions(d) == [0, 1]
-    assert MappingSet.load(d) == v1
-    assert MappingSet.load(d, version=0) == v0
-    with pytest.raises(MappingError, match="immutable"):
-        v1.save(d)
-    with pytest.raises(MappingError, match="not in"):
-        MappingSet.load(d, version=5)
+    assert MappingSet.from_bytes(v1.to_bytes()) == v1 and MappingSet.from_bytes(v0.to_bytes()) == v0
     assert pickle.loads(pickle.dumps(v1)) == v1
-    (d / "mappings-000000000002.hrms").write_bytes(b"garbage")
-    with pytest.raises(MappingError, match="not a mapping set"):
-        MappingSet.load(d)
+    with pytest.raises(MappingError, match="f.hrms: not a mapping set"):
+        MappingSet.from_bytes(b"garbage", where="f.hrms")
 
 
 def test_mapping_set_checks_schema():

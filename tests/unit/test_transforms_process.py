@@ -4,12 +4,13 @@ accounting on random mixes of good and bad events."""
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import config_from_dict
-from engine.errors import ConfigError, MappingError
 from streams.synthetic import BAD_PAYLOADS, SyntheticSpec, generate_payloads, synthetic_config_dict
 from transforms.elements import Reason, id_column
+from transforms.errors import MappingError, TransformConfigError
 from transforms.hashing import hash_int_value
 from transforms.mappers import DoubleHashMapper, MappingSet, ModuloMapper
 from transforms.process import TransformSpec, bench_process, output_schema, process_batch, source_batch
@@ -77,9 +78,9 @@ def test_empty_and_all_bad_batches_keep_the_schema():
 
 
 def test_filter_types_are_checked_against_the_schema():
-    with pytest.raises(ConfigError, match="compare it with numbers"):
+    with pytest.raises(TransformConfigError, match="compare it with numbers"):
         _spec({**SECOND, "filter": {"where": ["user == 'x'"]}})
-    with pytest.raises(ConfigError, match="multi-valued"):
+    with pytest.raises(TransformConfigError, match="multi-valued"):
         _spec({**SECOND, "filter": {"where": ["history == 1"]}})
     _spec({**SECOND, "filter": {"where": ["history present", "user in [1, 2]"]}})
 

@@ -1,0 +1,295 @@
+"""Config sections owned by ``trainer``: [trainer] (model shape, optimizer, loop),
+[sharding] (how tables are placed across devices, ``trainer.planner``) and [row_cache]
+(SSD-backed rows behind a device cache, ``trainer.cached_embedding``).
+
+Sections are frozen dataclasses that validate themselves in ``__post_init__`` (raising
+``ValueError``); ``engine.config`` loads them from TOML and names the key and file on error.
+
+[sharding] — how embedding tables are placed across devices (trainer.planner).
+
+Example (TOML):
+
+    [sharding]
+    enabled = true
+    device = "h100"              # cost-model defaults: cpu | h100 | h200 | auto
+    devices_per_host = 8
+    comm_precision = "bf16"      # all-to-all of pooled embeddings and their gradients
+    tables = { user_id = "row_wise" }   # force a sharding type per table
+
+The global batch is ``trainer.batch_size``; under ``torchrun`` each of the N ranks trains on
+its own contiguous slice (about ``batch_size / N`` samples) of every batch
+(``trainer.dist.DistContext.slice_of``). Tables ``[row_cache]`` holds are placed *cached*.
+
+[row_cache] — SSD-backed embedding rows with a device/DRAM cache.
+
+When ``enabled``, the tables named in ``tables`` (all sparse features when empty) keep every
+row and its row-wise optimizer state in ``storage.row_store.RowStore`` files under ``path``
+and train through ``trainer.cached_embedding.CachedEmbeddingBagCollection``, which holds at
+most ``cache_rows`` rows of each table (or as many as fit in ``cache_bytes``) on the
+trainer's device.
+
+Example:
+    >>> RowCacheConfig(enabled=True, cache_rows=4096).policy
+    <RowCachePolicy.LRU: 'lru'>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from storage.config import CacheConfig
+from transforms.config import SchemaConfig
+
+__all__ = [
+    "TrainSpec",
+    "OptimizerKind", "SparseOptimizerKind", "Precision", "EmbeddingDtype", "TrainerConfig",
+    "ShardingConfig", "ShardingType", "DeviceKind", "CommPrecision",
+    "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
+]
+
+
+class OptimizerKind(enum.Enum):
+    """A torch optimizer for the dense layers (and, through ``optimizer``, the old single key)."""
+
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class SparseOptimizerKind(enum.Enum):
+    """The update fused embedding tables apply to the rows a batch touched (trainer.sparse_optim)."""
+
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one fp32 accumulator per row (FBGEMM's default)
+    SGD = "sgd"
+    ADAGRAD = "adagrad"  # element-wise, as torch.optim.Adagrad
+    ADAM = "adam"  # lazy, as torch.optim.SparseAdam
+
+
+class Precision(enum.Enum):
+    """Arithmetic of the MLPs and the interaction. ``tf32``: fp32 storage, TF32 tensor-core
+    matmuls on CUDA (the same as fp32 on a CPU); ``bf16``: autocast to bfloat16."""
+
+    FP32 = "fp32"
+    TF32 = "tf32"
+    BF16 = "bf16"
+
+
+class EmbeddingDtype(enum.Enum):
+    """Storage type of embedding rows; optimizer state stays fp32, and 16-bit rows are
+    written back with stochastic rounding."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    embedding_dim: int = 16
+    bottom_mlp: tuple[int, ...] = (64, 16)  # last size must equal embedding_dim
+    top_mlp: tuple[int, ...] = (64, 32)  # a final 1-unit logit layer is added
+    batch_size: int = 512
+    # Embeddings and dense layers train with their own optimizer and learning rate. The
+    # single keys of earlier releases still work: ``optimizer`` sets both kinds (the sparse
+    # one by the same name) and ``learning_rate`` both rates, unless the specific key is set.
+    sparse_optimizer: SparseOptimizerKind | None = None  # None: rowwise_adagrad
+    sparse_learning_rate: float | None = None  # None: learning_rate
+    dense_optimizer: OptimizerKind | None = None  # None: adagrad
+    dense_learning_rate: float | None = None  # None: learning_rate
+    learning_rate: float = 0.05
+    optimizer: OptimizerKind | None = None
+    precision: Precision = Precision.TF32
+    embedding_dtype: EmbeddingDtype = EmbeddingDtype.FP32
+    checkpoint_dir: str = "./headrace-data/checkpoints"
+    checkpoint_every_batches: int = 200
+    # Snapshot periodic checkpoints and write them on a background thread while training goes
+    # on (trainer.checkpoint_writer); the final one is always written in the foreground.
+    checkpoint_background: bool = True
+    metrics_window: int = 50_000  # samples in the recent-window metrics
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    prefetch_batches: int = 4
+    # torch intra-op threads for the trainer; 0 = torch's default (all cores). serve runs
+    # the pipeline beside the trainer, and oversubscribed cores slow steps ~10x (measured).
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.embedding_dim < 1:
+            raise ValueError("embedding_dim must be >= 1")
+        if self.bottom_mlp and self.bottom_mlp[-1] != self.embedding_dim:
+            raise ValueError(
+                f"bottom_mlp must end in embedding_dim ({self.embedding_dim}) so dense and sparse "
+                f"vectors interact; got {list(self.bottom_mlp)}"
+            )
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for name in ("learning_rate", "sparse_learning_rate", "dense_learning_rate"):
+            lr = getattr(self, name)
+            if lr is not None and not 0 < lr < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {lr}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0 = torch default)")
+        if self.checkpoint_every_batches < 1:
+            raise ValueError("checkpoint_every_batches must be >= 1")
+
+    @property
+    def sparse_optimizer_kind(self) -> SparseOptimizerKind:
+        """The embeddings' optimizer: ``sparse_optimizer``, else the one named by the old
+        ``optimizer`` key, else row-wise Adagrad."""
+        if self.sparse_optimizer is not None:
+            return self.sparse_optimizer
+        if self.optimizer is not None:
+            return SparseOptimizerKind(self.optimizer.value)
+        return SparseOptimizerKind.ROWWISE_ADAGRAD
+
+    @property
+    def dense_optimizer_kind(self) -> OptimizerKind:
+        """The dense layers' optimizer: ``dense_optimizer``, else ``optimizer``, else Adagrad."""
+        return self.dense_optimizer or self.optimizer or OptimizerKind.ADAGRAD
+
+    @property
+    def sparse_lr(self) -> float:
+        return self.sparse_learning_rate if self.sparse_learning_rate is not None else self.learning_rate
+
+    @property
+    def dense_lr(self) -> float:
+        return self.dense_learning_rate if self.dense_learning_rate is not None else self.learning_rate
+
+
+class ShardingType(enum.Enum):
+    """How one table is split across ranks (Mudigere et al. 2021, section 4)."""
+
+    DATA_PARALLEL = "data_parallel"  # a full replica on every rank; gradients all-reduced
+    TABLE_WISE = "table_wise"  # the whole table on one rank
+    ROW_WISE = "row_wise"  # contiguous row ranges across all ranks; partial sums reduced
+    COLUMN_WISE = "column_wise"  # column ranges (a slice of the dim) on several ranks
+    TABLE_ROW_WISE = "table_row_wise"  # row-wise across the ranks of one host
+
+
+class DeviceKind(enum.Enum):
+    """Which hardware defaults the cost model uses (trainer.topology)."""
+
+    AUTO = "auto"  # the GPU model torch reports (h100/h200), else cpu
+    CPU = "cpu"
+    H100 = "h100"
+    H200 = "h200"
+
+
+class CommPrecision(enum.Enum):
+    """Element type on the wire for the embedding all-to-all (forward and backward)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    enabled: bool = False
+    device: DeviceKind = DeviceKind.AUTO
+    # Ranks per host; 0 = the device default (cpu: all ranks on one host, GPUs: 8).
+    devices_per_host: int = 0
+    # Overrides of the device defaults; 0 = use the default of `device`.
+    device_memory_bytes: int = 0
+    host_memory_bytes: int = 0
+    # Fraction of device memory kept free for the dense model, activations and the allocator.
+    memory_headroom_fraction: float = 0.2
+    # Tables at most this big (weights + optimizer state) may be replicated on every rank.
+    data_parallel_max_bytes: int = 4 << 20
+    comm_precision: CommPrecision = CommPrecision.FP32
+    # Overlap the next batch's id distribution with the current step.
+    pipeline: bool = True
+    # Force a sharding type for named tables; the others are chosen by the cost model.
+    tables: dict[str, ShardingType] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.devices_per_host < 0:
+            raise ValueError(f"devices_per_host must be >= 0 (0 = default), got {self.devices_per_host}")
+        if self.device_memory_bytes < 0 or self.host_memory_bytes < 0:
+            raise ValueError("device_memory_bytes and host_memory_bytes must be >= 0 (0 = default)")
+        if not 0.0 <= self.memory_headroom_fraction < 1.0:
+            raise ValueError(
+                f"memory_headroom_fraction must be in [0, 1), got {self.memory_headroom_fraction}"
+            )
+        if self.data_parallel_max_bytes < 0:
+            raise ValueError("data_parallel_max_bytes must be >= 0 (0 = never replicate)")
+
+
+class RowCachePolicy(enum.Enum):
+    """Which cached row is evicted when a miss needs a slot."""
+
+    LRU = "lru"  # least recently used
+    LFU = "lfu"  # least frequently used while cached; ties broken by recency
+
+
+class RowOptimizerKind(enum.Enum):
+    """Update applied to cached rows; its state lives beside each row on SSD."""
+
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row: mean of squared grads
+    SGD = "sgd"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCacheConfig:
+    enabled: bool = False
+    # Directory of the row store (one memory-mapped file per table, a manifest, undo logs).
+    path: str = "./headrace-data/rows"
+    # Cached rows per table on the device; 0 = derive from cache_bytes.
+    cache_rows: int = 0
+    # Device bytes per table for rows and their optimizer state, used when cache_rows = 0.
+    cache_bytes: int = 64 << 20
+    policy: RowCachePolicy = RowCachePolicy.LRU
+    optimizer: RowOptimizerKind = RowOptimizerKind.ROWWISE_ADAGRAD
+    # Added to sqrt(accumulator) in the row-wise Adagrad denominator.
+    adagrad_eps: float = 1e-8
+    # Read the next batch's missing rows in a background thread during the current step.
+    prefetch: bool = True
+    # fdatasync undo records before the rows they protect are overwritten, and the rows at
+    # each checkpoint: survives power loss, not just a killed process (about 0.3 ms a step).
+    fsync: bool = True
+    # Features whose tables are cached; empty = every [[schema.sparse]] feature.
+    tables: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.cache_rows < 0:
+            raise ValueError(f"cache_rows must be >= 0 (0 = use cache_bytes), got {self.cache_rows}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
+        if self.enabled and self.cache_rows == 0 and self.cache_bytes == 0:
+            raise ValueError("set cache_rows or cache_bytes to a positive size (both are 0)")
+        if not self.adagrad_eps > 0:
+            raise ValueError(f"adagrad_eps must be > 0, got {self.adagrad_eps}")
+        if not self.path:
+            raise ValueError("path must name the row store directory")
+        if len(set(self.tables)) != len(self.tables):
+            raise ValueError(f"tables lists a feature twice: {list(self.tables)}")
+
+    def cache_rows_for(self, row_bytes: int) -> int:
+        """Rows of one table the cache holds, given the device bytes of one cached row
+        (weights plus optimizer state)."""
+        if self.cache_rows:
+            return self.cache_rows
+        return max(1, self.cache_bytes // max(1, row_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """Everything the trainer reads from config: the schema (which features, how many rows),
+    its own sections, and the cache it trains from. ``engine`` builds one from the whole
+    config tree (``HeadraceConfig.train_spec()``); code that uses the trainer without the
+    engine builds one directly. Trainer functions read only these five attributes, so any
+    object that has them (the engine's tree included) is accepted.
+
+    Example:
+        >>> from transforms.config import SchemaConfig, SparseFeature
+        >>> spec = TrainSpec(schema=SchemaConfig(sparse=(SparseFeature("u", rows=10),)))
+        >>> spec.trainer.embedding_dim
+        16
+    """
+
+    schema: SchemaConfig
+    trainer: TrainerConfig = TrainerConfig()
+    sharding: ShardingConfig = ShardingConfig()
+    row_cache: RowCacheConfig = RowCacheConfig()
+    cache: CacheConfig = CacheConfig()

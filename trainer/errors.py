@@ -1,0 +1,26 @@
+"""Errors raised by ``trainer``: the model, embeddings, planner, loop and checkpoints.
+
+Exit codes are decided by ``engine.errors``. ``CheckpointError`` is declared by ``storage``
+(which owns checkpoint files) and re-exported here.
+"""
+
+from __future__ import annotations
+
+from storage.errors import CheckpointError
+
+__all__ = ["TrainerError", "TrainerConfigError", "PlanError", "CheckpointError"]
+
+
+class TrainerError(Exception):
+    """Training cannot proceed (shape mismatch, non-finite loss, bad device)."""
+
+    retriable: bool = False
+
+
+class TrainerConfigError(TrainerError):
+    """A trainer, sharding or row-cache setting cannot be applied; the message names the key,
+    the value and the fix."""
+
+
+class PlanError(TrainerError):
+    """No sharding plan fits; the message says by how much and what would make it fit."""
