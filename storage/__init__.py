@@ -15,4 +15,6 @@ __all__ = [
     "row_store",
     "row_store_format",
     "atomic",
+    "config",
+    "errors",
 ]

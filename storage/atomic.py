@@ -16,6 +16,10 @@ directory (``.<name>.<random>.tmp``), renames it over ``path``, and with ``durab
   renamed into place (``trainer.checkpoint.ShardedCheckpointManager``), or where losing
   the newest version costs nothing.
 
+* A full file system (``ENOSPC``/``EDQUOT`` from a write, fsync or rename) raises
+  ``storage.errors.DiskFullError`` naming ``path``, its free bytes and the bytes written
+  when it failed; ``path`` is untouched.
+
 ``fsync_path(path)`` fsyncs one file or directory (a directory's fsync makes the names
 created, renamed or removed in it durable).
 
@@ -34,6 +38,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
+
+from storage.disk_space import disk_full_error, is_disk_full_errno
 
 __all__ = ["atomic_write", "atomic_write_bytes", "fsync_path"]
 
@@ -65,9 +71,13 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[BinaryIO], ob
         os.umask(umask)
         os.chmod(tmp, 0o644 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # Everything that can fail runs before the rename, so the temp file still exists.
+        written = os.stat(tmp).st_size
         os.unlink(tmp)
+        if is_disk_full_errno(exc):
+            raise disk_full_error(path, what=f"writing {os.path.basename(path)}",
+                                  needed_bytes=written, at_least=True) from exc
         raise
     if durable:
         fsync_path(directory)

@@ -28,9 +28,21 @@ class CacheConfig:
     durability: CacheDurability = CacheDurability.FULL
     max_bytes: int = 0  # retention budget for batch bytes; 0 = keep everything
     map_size_bytes: int = 1 << 36  # LMDB map size (virtual; grows the file lazily)
+    # Ingest stops (serve pauses it) while the cache's file system has less than this free;
+    # None = 1 GiB capped at 5% of the file system (storage.disk_space), 0 = no reserve.
+    disk_reserve_bytes: int | None = None
+    # Retention budget for stored dead letters (raw bytes + position + reason): oldest go
+    # first; their counts stay. 0 = keep every dead letter.
+    dead_letter_max_bytes: int = 256 << 20
 
     def __post_init__(self):
         if self.max_bytes < 0:
             raise ValueError("max_bytes must be >= 0 (0 = unlimited)")
+        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+            raise ValueError(f"disk_reserve_bytes must be >= 0 (0 = no reserve; leave it out for 1 GiB "
+                             f"capped at 5% of the disk), got {self.disk_reserve_bytes}")
+        if self.dead_letter_max_bytes < 0:
+            raise ValueError(f"dead_letter_max_bytes must be >= 0 (0 = keep every dead letter), "
+                             f"got {self.dead_letter_max_bytes}")
         if self.map_size_bytes < 1 << 20:
             raise ValueError("map_size_bytes must be at least 1 MiB")

@@ -20,4 +20,6 @@ __all__ = [
     "replay",
     "producer",
     "synthetic",
+    "config",
+    "errors",
 ]

@@ -25,4 +25,11 @@ __all__ = [
     "row_cache_policy",
     "row_optim",
     "prefetch",
+    "config",
+    "errors",
+    "fused_embedding",
+    "sparse_optim",
+    "sharded_optim",
+    "step_strategy",
+    "checkpoint_writer",
 ]

@@ -10,22 +10,24 @@ memory (device)
     for Adagrad, 8 for Adam, none for SGD); no dense gradient. Step buffers: the ids it
     receives (8 bytes each), its pooled output and that output's gradient (fp32,
     ``B x cols``) and the deduplicated row gradients (fp32, at most ``ids x cols``).
-    A data-parallel replica is a plain parameter under DDP and the dense optimizer: weights,
-    a dense gradient and ``dense_optimizer_slots`` fp32 tensors per element.
+    A data-parallel replica is a fused table on every rank (``trainer.sharded_embedding``):
+    weights and sparse optimizer state like a shard, plus the step's dense fp32 gradient
+    buffer of ``rows x (cols + 1)`` (the gradient and a touched flag per row) that is
+    all-reduced so every rank applies the same update.
     A *cached* shard keeps only ``cache_rows`` rows and their state on the device; the full
     table with its state lives in host memory (and on SSD behind it).
 compute
     embedding-bag forward and backward read/write ``ids x cols x elem`` bytes, and the
     sparse optimizer reads and writes the touched rows and their state (at most ``ids``
-    rows) at device bandwidth; a replica's dense optimizer touches every row. A cached shard
-    pays its misses at host-to-device bandwidth.
+    rows) at device bandwidth; a replica also zeroes, fills and reads its dense gradient
+    buffer. A cached shard pays its misses at host-to-device bandwidth.
 communication
     model-parallel shards: the ids in (8 bytes each), the pooled output out and its
     gradient back (``B x cols x comm`` bytes each way, where ``comm`` is the wire element
     size), a fraction ``(W-1)/W`` of which crosses the network. Row-wise shards send full
     ``B x cols`` partial sums, which is why row-wise costs more traffic than table-wise.
-    Data-parallel replicas: a ring all-reduce of the whole gradient, ``2 (W-1)/W`` times its
-    bytes, and the lookups of the rank's own ``B/W`` samples.
+    Data-parallel replicas: a ring all-reduce of the dense gradient buffer, ``2 (W-1)/W``
+    times its bytes, and the lookups of the rank's own ``B/W`` samples.
 
 The estimates rank placements against each other; they do not predict wall-clock time.
 """
@@ -103,19 +105,17 @@ def optimizer_state_bytes_per_row(kind: SparseOptimizerKind, dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The per-step workload: global batch, the embeddings' sparse optimizer, the dense
-    optimizer's fp32 slots per element (for replicated tables), wire size."""
+    """The per-step workload: global batch, the embeddings' sparse optimizer, wire size."""
 
     global_batch_size: int
     sparse_optimizer: SparseOptimizerKind = SparseOptimizerKind.ROWWISE_ADAGRAD
     comm_bytes_per_element: int = 4
-    dense_optimizer_slots: int = 1  # sgd 0, adagrad 1, adam 2
 
     def __post_init__(self):
         if self.global_batch_size < 1:
             raise TrainerConfigError(f"global batch size must be >= 1, got {self.global_batch_size}")
-        if self.dense_optimizer_slots < 0 or self.comm_bytes_per_element not in (2, 4):
-            raise TrainerConfigError("dense_optimizer_slots must be >= 0 and comm_bytes_per_element 2 or 4")
+        if self.comm_bytes_per_element not in (2, 4):
+            raise TrainerConfigError("comm_bytes_per_element must be 2 or 4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,6 @@ def _row_bytes(t: TableStats, cols: int, shape: StepShape) -> int:
     return cols * t.dtype.nbytes + optimizer_state_bytes_per_row(shape.sparse_optimizer, cols)
 
 
-def _replica_bytes_per_element(t: TableStats, shape: StepShape) -> int:
-    return 2 * t.dtype.nbytes + 4 * shape.dense_optimizer_slots
 
 
 def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_shards: int,
@@ -164,10 +162,12 @@ def shard_cost(t: TableStats, sharding: ShardingType, rows: int, cols: int, num_
     if sharding is ShardingType.DATA_PARALLEL:
         local_ids = lookups / W
         buffers = int(local_ids * _ID_BYTES + 2 * (B / W) * cols * 4)
-        compute = (3 * local_ids * cols * t.dtype.nbytes
-                   + rows * cols * (2 * t.dtype.nbytes + 8 * shape.dense_optimizer_slots)) / topo.device_bw_bytes_per_s
-        comm = 2 * cross * rows * cols * t.dtype.nbytes / a2a_bw
-        return ShardCost(rows * cols * _replica_bytes_per_element(t, shape) + buffers, 0, compute, comm)
+        grad_buffer = rows * (cols + 1) * 4
+        touched = min(rows, lookups)
+        compute = (3 * local_ids * cols * t.dtype.nbytes + 3 * grad_buffer
+                   + 2 * touched * row_bytes) / topo.device_bw_bytes_per_s
+        comm = 2 * cross * grad_buffer / a2a_bw
+        return ShardCost(rows * row_bytes + grad_buffer + buffers, 0, compute, comm)
 
     # Row-wise shards see their share of the ids; table- and column-wise see all of them.
     row_split = sharding in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)

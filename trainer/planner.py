@@ -43,7 +43,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from trainer.config import (
-    CommPrecision, DeviceKind, OptimizerKind, RowOptimizerKind, ShardingType, SparseOptimizerKind, TrainSpec,
+    CommPrecision, DeviceKind, RowOptimizerKind, ShardingType, SparseOptimizerKind, TrainSpec,
 )
 from trainer.cost_model import DType, ShardCost, StepShape, TableStats, shard_cost, table_bytes
 from trainer.embedding import table_specs
@@ -122,7 +122,6 @@ class PlannerOptions:
 
     global_batch_size: int
     sparse_optimizer: SparseOptimizerKind = SparseOptimizerKind.ROWWISE_ADAGRAD
-    dense_optimizer_slots: int = 1  # see cost_model.StepShape
     comm_precision: CommPrecision = CommPrecision.FP32
     memory_headroom_fraction: float = 0.2
     data_parallel_max_bytes: int = 4 << 20
@@ -314,7 +313,7 @@ def plan(tables: Sequence[TableStats], topology: Topology, options: PlannerOptio
     if unknown:
         raise PlanError(f"[sharding] tables names unknown table(s) {unknown}; tables: {names}")
     shape = StepShape(options.global_batch_size, options.sparse_optimizer,
-                      4 if options.comm_precision is CommPrecision.FP32 else 2, options.dense_optimizer_slots)
+                      4 if options.comm_precision is CommPrecision.FP32 else 2)
     budget = int(topology.device_memory_bytes * (1.0 - options.memory_headroom_fraction))
     loads = _Loads(topology, budget)
     W = topology.world_size
@@ -421,7 +420,6 @@ def _infeasible(t: TableStats, cands: list[_Candidate], tables: Sequence[TableSt
     )
 
 
-_DENSE_OPTIMIZER_SLOTS = {OptimizerKind.SGD: 0, OptimizerKind.ADAGRAD: 1, OptimizerKind.ADAM: 2}
 
 
 def tables_stats_from_config(cfg: TrainSpec,
@@ -499,7 +497,6 @@ def plan_from_config(cfg: TrainSpec, world_size: int, device: DeviceKind | str |
     options = PlannerOptions(
         global_batch_size=cfg.trainer.batch_size,
         sparse_optimizer=cfg.trainer.sparse_optimizer_kind,
-        dense_optimizer_slots=_DENSE_OPTIMIZER_SLOTS[cfg.trainer.dense_optimizer_kind],
         comm_precision=sh.comm_precision,
         memory_headroom_fraction=sh.memory_headroom_fraction,
         data_parallel_max_bytes=sh.data_parallel_max_bytes,

@@ -455,9 +455,10 @@ class ShardedEmbeddingCollection(nn.Module):
                              + [x.to(self.device) for x in lengths])
             ids.append(torch.cat([head] + [x.to(self.device) for x in values]))
             if weighted:
-                wts_flat = torch.cat([torch.zeros(head.numel(), device=self.device)] + wts) if wts else \
-                    torch.empty(0, device=self.device)
-                weights.append(wts_flat.to(self.device, torch.float32))
+                # as long as the ids (header included) even to a rank that owns no shard
+                wts_flat = torch.cat([torch.zeros(head.numel(), device=self.device)]
+                                     + [x.to(self.device, torch.float32) for x in wts])
+                weights.append(wts_flat)
         exchange = IdExchange(self.group_ids, self.world_size, self.device).start(ids, weights if weighted else None)
         return exchange, local_b
 

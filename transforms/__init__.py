@@ -17,4 +17,6 @@ __all__ = [
     "process",
     "beam_steps",
     "plugin_api",
+    "config",
+    "errors",
 ]

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+from typing import Mapping
+
+from transforms.errors import TransformConfigError
+from transforms.expressions import parse_expression
 
 __all__ = [
     "EventFormat", "SparseType", "DenseFeature", "SparseFeature", "SchemaConfig", "FilterConfig",
@@ -20,6 +25,7 @@ __all__ = [
 class EventFormat(enum.Enum):
     JSON = "json"  # one JSON object per Kafka message or per line of .jsonl/.jsonl.gz
     TSV = "tsv"  # one tab-separated line per message/line; columns named by schema.columns
+    CSV = "csv"  # one RFC 4180 record per message/file record; columns from the file header or schema.columns
 
 
 class SparseType(enum.Enum):
@@ -43,12 +49,29 @@ class SparseFeature:
     multi: bool = False  # a list of values per event (embedding bag); else one value
     max_values: int = 64  # multi-valued: longer lists are dead letters (too_many_values)
     dim: int = 0  # embedding dim of this table; 0 = trainer.embedding_dim
+    # A hashed feature cross: the id is ``hashing.hash_cross`` of these sparse features'
+    # ids, not a field of the event (``type`` does not apply).
+    cross: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.rows < 1:
             raise ValueError(f"sparse feature {self.name!r}: rows must be >= 1, got {self.rows}")
         if self.max_values < 1:
             raise ValueError(f"sparse feature {self.name!r}: max_values must be >= 1")
+        if self.cross:
+            if len(self.cross) < 2 or len(set(self.cross)) != len(self.cross):
+                raise ValueError(f"sparse feature {self.name!r}: cross must name two or more different sparse "
+                                 f"features, got {list(self.cross)}")
+            if self.multi:
+                raise ValueError(f"sparse feature {self.name!r}: a cross is single-valued; remove multi = true")
+
+
+def cross_name(features: tuple[str, ...]) -> str:
+    """The name of the cross of ``features`` declared in ``[schema] cross``: joined by ``_x_``."""
+    return "_x_".join(features)
+
+
+_DERIVED_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,24 +82,122 @@ class SchemaConfig:
     sparse: tuple[SparseFeature, ...] = ()
     # Event-time field in milliseconds since the epoch; "" = use the source timestamp.
     event_time: str = ""
-    # TSV only: the column names in order (label, dense and sparse names among them).
+    # TSV: the column names in order (every field read from the event among them). CSV: the
+    # columns of records without a header row (Kafka messages; files when csv_header = false).
     columns: tuple[str, ...] = ()
+    # CSV only: each file's first record is a header naming its columns (not an event).
+    csv_header: bool = True
+    # Derived fields: name -> expression over raw fields (``transforms.expressions``), e.g.
+    # {liked = "rating >= 4"}; usable as the label, a dense or int sparse feature, the
+    # event time, in [filter] where, and in later derive entries.
+    derive: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Hashed feature crosses, each a list of sparse feature names; each becomes a sparse
+    # feature named ``cross_name(features)`` with ``cross_rows`` rows, appended to
+    # ``sparse`` (declare one as [[schema.sparse]] with cross = [...] for its own name/rows).
+    cross: tuple[tuple[str, ...], ...] = ()
+    cross_rows: int = 100_000
 
     def __post_init__(self):
+        if not isinstance(self.derive, Mapping):
+            raise ValueError(f"derive must be a table of name = \"expression\", got {self.derive!r}")
+        object.__setattr__(self, "derive", dict(self.derive))  # a plain dict pickles
+        self._expand_crosses()
         names = [self.label] + [d.name for d in self.dense] + [s.name for s in self.sparse]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"feature names must be unique; repeated: {dup}")
         if not self.dense and not self.sparse:
             raise ValueError("declare at least one [[schema.dense]] or [[schema.sparse]] feature")
-        if self.format is EventFormat.TSV:
-            if not self.columns:
+        self._check_derive()
+        self._check_crosses()
+        if self.format in (EventFormat.TSV, EventFormat.CSV):
+            fmt = self.format.value
+            if self.format is EventFormat.TSV and not self.columns:
                 raise ValueError("format = 'tsv' needs columns = [...] naming every column in order")
-            missing = [n for n in names if n not in self.columns]
-            if missing:
-                raise ValueError(f"columns does not list feature(s) {missing}")
+            if self.format is EventFormat.CSV and not self.columns and not self.csv_header:
+                raise ValueError("format = 'csv' with csv_header = false needs columns = [...] naming every "
+                                 "column in order")
+            missing = [n for n in self.raw_fields if n not in self.columns]
+            if self.columns and missing:
+                raise ValueError(f"columns does not list field(s) {missing} read from the event")
             if any(s.multi for s in self.sparse):
-                raise ValueError("multi-valued sparse features need format = 'json'")
+                raise ValueError(f"multi-valued sparse features need format = 'json', not {fmt!r}")
+
+    def _expand_crosses(self) -> None:
+        if self.cross_rows < 1:
+            raise ValueError(f"cross_rows must be >= 1, got {self.cross_rows}")
+        have = {s.name: s for s in self.sparse}
+        added = []
+        for i, feats in enumerate(self.cross):
+            feats = tuple(feats)
+            name = cross_name(feats)
+            if name in have and have[name].cross == feats:
+                continue  # already expanded (dataclasses.replace of an expanded schema)
+            try:
+                added.append(SparseFeature(name, rows=self.cross_rows, type=SparseType.INT, cross=feats))
+            except ValueError as exc:
+                raise ValueError(f"cross[{i}]: {exc}") from None
+        if added:
+            object.__setattr__(self, "sparse", tuple(self.sparse) + tuple(added))
+
+    def _check_derive(self) -> None:
+        order = list(self.derive)
+        by_name = {s.name: s for s in self.sparse}
+        dense = {d.name for d in self.dense}
+        for i, (name, text) in enumerate(self.derive.items()):
+            where = f"derive.{name}"
+            if not isinstance(name, str) or not _DERIVED_NAME.match(name):
+                raise ValueError(f"{where}: a derived field name is letters, digits, '_' and '.', starting "
+                                 "with a letter or '_'")
+            try:
+                expr = parse_expression(text)
+            except TransformConfigError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            for ref in expr.fields:
+                if ref == name:
+                    raise ValueError(f"{where} = {text!r} refers to itself; name the raw field differently")
+                if ref in self.derive and order.index(ref) > i:
+                    raise ValueError(f"{where} = {text!r} reads {ref!r}, which is derived later; list "
+                                     f"derive.{ref} before derive.{name}")
+                s = by_name.get(ref)
+                if s is not None and (s.multi or s.type is SparseType.STRING) and ref not in self.derive:
+                    kind = "multi-valued" if s.multi else "a string"
+                    raise ValueError(f"{where} = {text!r} reads sparse feature {ref!r}, which is {kind}; "
+                                     "expressions compute on numbers")
+            s = by_name.get(name)
+            if s is not None and s.cross:
+                raise ValueError(f"{where}: {name!r} is a feature cross; derive another name")
+            if s is not None and (s.type is not SparseType.INT or s.multi):
+                raise ValueError(f"{where}: sparse feature {name!r} is derived (a number), so declare it "
+                                 "single-valued with type = \"int\" (values are rounded down to integers)")
+            if name in dense or name == self.label or name == self.event_time:
+                continue
+
+    def _check_crosses(self) -> None:
+        by_name = {s.name: (i, s) for i, s in enumerate(self.sparse)}
+        for i, s in enumerate(self.sparse):
+            for f in s.cross:
+                if f not in by_name:
+                    raise ValueError(f"sparse feature {s.name!r} crosses {f!r}, which is not a sparse feature; "
+                                     f"declare [[schema.sparse]] name = {f!r} (sparse features: {sorted(by_name)})")
+                j, other = by_name[f]
+                if other.multi:
+                    raise ValueError(f"sparse feature {s.name!r} crosses {f!r}, which is multi-valued; crosses "
+                                     "take single-valued features")
+                if j >= i:
+                    raise ValueError(f"sparse feature {s.name!r} crosses {f!r}, which is declared after it; "
+                                     "declare crossed features first")
+
+    @property
+    def raw_fields(self) -> tuple[str, ...]:
+        """Fields read from the event itself (not derived, not crosses): the label, dense and
+        sparse features, the event time, and every raw field a derived expression reads."""
+        out = [self.label, *(d.name for d in self.dense), *(s.name for s in self.sparse if not s.cross)]
+        if self.event_time:
+            out.append(self.event_time)
+        for text in self.derive.values():
+            out += parse_expression(text).fields
+        return tuple(n for n in dict.fromkeys(out) if n not in self.derive)
 
     @property
     def feature_names(self) -> tuple[str, ...]:

@@ -14,14 +14,7 @@ import torch.distributed as dist
 
 from engine.errors import TrainerError
 from tests.integration.test_sharded_train import (
-    GLOBAL_BATCH,
-    TABLES,
-    bce,
-    make_batches,
-    make_cfg,
-    make_optimizer,
-    reference_run,
-    train_steps,
+    GLOBAL_BATCH, TABLES, bce, make_batches, make_cfg, make_optimizer, reference_run, train_steps,
 )
 from trainer.dist import DistContext, init_from_env, init_process_group
 from trainer.model import DLRM, fused_embeddings_from_config

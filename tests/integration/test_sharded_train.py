@@ -129,15 +129,8 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: li
     try:
         from trainer.dist import init_process_group
         from trainer.planner import plan_from_config
-        from trainer.sharded_checkpoint import (
-            load_sharded_checkpoint,
-            save_sharded_checkpoint,
-        )
-        from trainer.sharding import (
-            build_sharded_embeddings,
-            local_slice,
-            wrap_data_parallel,
-        )
+        from trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+        from trainer.sharding import build_sharded_embeddings, local_slice, wrap_data_parallel
 
         torch.set_num_threads(1)
         ctx = init_process_group(rank, world, "file://" + init_file, device=device, timeout_s=120)
@@ -231,6 +224,9 @@ FIRST = 2  # steps before the checkpoint; STEPS - FIRST after it
 TWO_TYPES = {"a": "table_wise", "b": "row_wise", "c": "column_wise", "d": "data_parallel"}
 FOUR_TYPES = {"a": "table_row_wise", "b": "column_wise", "c": "row_wise", "d": "table_wise"}
 FOUR_MORE = {"a": "data_parallel", "b": "table_wise", "c": "column_wise", "d": "row_wise"}
+# two table-wise tables on 4 ranks: two ranks own no shard (they still send the weighted
+# feature's ids and take part in every exchange); two replicated tables
+IDLE_FOUR = {"a": "table_wise", "b": "table_wise", "c": "data_parallel", "d": "data_parallel"}
 BF16_TYPES = {"a": "row_wise", "b": "table_wise", "c": "column_wise", "d": "table_wise"}
 CKPT_FOUR = {"a": "table_row_wise", "b": "column_wise", "c": "row_wise", "d": "data_parallel"}
 CKPT_TWO = {"a": "row_wise", "b": "table_wise", "c": "column_wise", "d": "table_wise"}
@@ -239,6 +235,7 @@ JOBS = {
     4: [
         {"name": "four", "forced": FOUR_TYPES, "devices_per_host": 2, "prefetch": True},
         {"name": "four_adagrad", "forced": FOUR_MORE, "sparse": "adagrad"},
+        {"name": "four_idle", "forced": IDLE_FOUR, "prefetch": True},
         {"name": "ckpt_four", "forced": CKPT_FOUR, "devices_per_host": 2, "steps": FIRST, "save": "ckpt"},
         {"name": "ckpt_four_adam", "forced": FOUR_MORE, "sparse": "adam", "steps": FIRST, "save": "ckpt_adam"},
     ],
@@ -327,6 +324,12 @@ def test_four_ranks_table_row_wise_and_pipelined_ids_match(results):
     res = results["four"]
     assert res["layout"] == FOUR_TYPES
     assert_matches(res, reference(_job("four")), 1e-5)
+
+
+def test_four_ranks_replicated_tables_and_ranks_without_shards_match(results):
+    res = results["four_idle"]
+    assert res["layout"] == IDLE_FOUR
+    assert_matches(res, reference(_job("four_idle")), 1e-5)
 
 
 def test_bf16_exchange_stays_close(results):
