@@ -9,23 +9,27 @@ trainer over the SSD row cache.
     It is timed in short blocks alternating with ``step``: headrace's DLRM over a
     ``FusedEmbeddingBagCollection`` (row-wise Adagrad on unique rows, ``Adagrad`` on the
     MLPs) stepped on the same in-memory batches, the loop's step without the loop. The
-    median block of each is reported; ``step_ratio`` = step / baseline, ``paired_ratio`` the
-    median ratio of adjacent blocks (steadier when other processes load the machine).
+    median block of each is reported; ``step_ratio`` = step / baseline, ``step_paired_ratio``
+    the median ratio of adjacent blocks (steadier when other processes load the machine).
 (b) ``samples_per_s``: ``trainer.loop.ContinuousTrainer`` built from a ``TrainSpec`` of the
-    same shape, reading the same batches (cycled) from a real ``storage.batch_cache.BatchCache``
-    written to a temporary directory first: loader thread, Arrow -> tensors, host -> device
-    copies, progressive metrics and all. The first ``--warmup`` batches (the progress callback
-    fires there) and the final checkpoint (``final_checkpoint_s``) are excluded;
-    ``data_wait_fraction`` is the share of that time the loop waited for the loader.
-    ``ratio`` = (b) / (a).
+    same shape, reading a real ``storage.batch_cache.BatchCache`` written to a temporary
+    directory first (see Data): loader thread, Arrow -> tensors, host -> device copies,
+    progressive metrics and all. Run as ``--segments`` consecutive trainers, each
+    resuming the previous one's checkpoint, between the blocks of (a), so that load from other
+    processes hits both alike. Each segment's first ``--warmup`` batches (the progress
+    callback fires there) and its final checkpoint (``final_checkpoint_s``) are untimed;
+    ``data_wait_fraction`` is the share of the timed seconds the loop waited for the loader.
+    ``ratio`` = (b) / (a); ``paired_ratio`` the median of each segment over the baseline block
+    just before it.
 (c) ``row_cache_samples_per_s``: (b) with ``[row_cache] enabled`` (fsync on, prefetch on, LRU),
     ``cache_rows`` = the largest table's rows / ``--cache-ratio`` (8: the largest tables hold
-    8x their cache), over the first ``--row-cache-batches`` batches of the same cache;
-    ``row_cache_ratio`` = (c) / (b).
+    8x their cache), over the first batches of the same cache (``--row-cache-batches`` timed,
+    in ``--row-cache-segments``); ``row_cache_ratio`` = (c) / (b).
 
 Data: 26 single-valued features, ids ``floor(rows * u**id_skew)`` (uniform by default) over
 the Criteo-Kaggle cardinalities capped at ``--rows-cap``, 13 dense features, 25% positives.
-The trainer reads exactly the baseline's batches, in the same order.
+(a) cycles 8 in-memory batches; (b) and (c) read a stream of fresh batches of the same
+distribution (nothing repeats, so the row cache's hit rate is the distribution's).
 
 CPU (the default; about a minute on two cores): batch 2048, bottom 13-64-16, top 64-32-1,
 tables capped at 100k rows::
@@ -40,8 +44,9 @@ CUDA defaults are the issue's Criteo-Kaggle shape (26 tables capped at 10M rows 
 
 With ``--json`` the last stdout line is ``{"device", "baseline_samples_per_s",
 "samples_per_s", "ratio", "data_wait_fraction", "row_cache_samples_per_s",
-"row_cache_ratio", "step_samples_per_s", "step_ratio", "paired_ratio", ...shape}``
-(the row-cache keys are null with ``--no-row-cache``). Progress goes to stderr.
+"row_cache_ratio", "paired_ratio", "step_samples_per_s", "step_ratio", "trainer": {...},
+"row_cache": {...}, ...shape}`` (the row-cache keys are null with ``--no-row-cache``).
+Progress and a table of every block and segment go to stderr.
 """
 
 from __future__ import annotations
@@ -123,24 +128,34 @@ class SyntheticBatch:
                               self.values.to(device), self.offsets.to(device))
 
 
+def synthetic_rows(shape: BenchShape, n: int, rng: np.random.Generator, id_skew: float = 1.0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` samples: ids [F, n] int64 ``floor(rows * u**id_skew)`` per table (1.0 = uniform;
+    larger = a few hot rows, fewer unique rows per batch), dense [NUM_DENSE, n] float32
+    ``log1p(100 u)``, labels [n] float32 with 25% positives."""
+    rows = np.asarray(shape.rows, dtype=np.int64)[:, None]
+    u = rng.random((len(shape.rows), n))
+    if id_skew != 1.0:
+        u **= id_skew
+    ids = np.minimum((u * rows).astype(np.int64), rows - 1)
+    dense = np.log1p(rng.random((NUM_DENSE, n), dtype=np.float32) * 100)
+    labels = (rng.random(n) < 0.25).astype(np.float32)
+    return ids, dense, labels
+
+
 def make_batches(shape: BenchShape, count: int, *, seed: int = 0,
                  id_skew: float = 1.0) -> list[SyntheticBatch]:
-    """``count`` CPU batches of single-valued features; ids ``floor(rows * u**id_skew)``
-    (1.0 = uniform; larger = a few hot rows, fewer unique rows per batch)."""
-    gen = torch.Generator().manual_seed(seed)
+    """``count`` CPU batches of single-valued features (``synthetic_rows``)."""
+    rng = np.random.default_rng(seed)
     starts = torch.tensor((0,) + shape.rows[:-1]).cumsum(0)
     out = []
     b = shape.batch_size
     for _ in range(count):
-        u = torch.rand(len(shape.rows), b, generator=gen, dtype=torch.float64) ** id_skew
-        ids = (u * torch.tensor(shape.rows, dtype=torch.float64)[:, None]).long()
-        ids = torch.minimum(ids, torch.tensor(shape.rows)[:, None] - 1)
-        dense = torch.log1p(torch.rand(b, NUM_DENSE, generator=gen) * 100)
-        labels = (torch.rand(b, generator=gen) < 0.25).float()
+        ids, dense, labels = (torch.from_numpy(a) for a in synthetic_rows(shape, b, rng, id_skew))
         one = torch.arange(b + 1)
         sparse = {f"c{i}": Jagged(ids[i], one) for i in range(len(shape.rows))}
-        out.append(SyntheticBatch(dense, labels, sparse, (ids + starts[:, None]).reshape(-1),
-                                  torch.arange(ids.numel())))
+        out.append(SyntheticBatch(dense.T.contiguous(), labels, sparse,
+                                  (ids + starts[:, None]).reshape(-1), torch.arange(ids.numel())))
     return out
 
 
@@ -243,27 +258,20 @@ def headrace_step(shape: BenchShape, device: torch.device, lr: float = LEARNING_
 # -- (b), (c) the trainer from an LMDB cache ----------------------------------------------
 
 
-def write_cache(cache_cfg: CacheConfig, batches: list[SyntheticBatch], total_rows: int,
-                cache_batch_rows: int) -> int:
-    """Write ``total_rows`` rows (``batches`` concatenated, cycled) as cached batches of
-    ``cache_batch_rows`` rows, shaped like the pipeline's output; returns the bytes stored."""
-    features = len(batches[0].sparse)
-    ids = np.concatenate([np.stack([b.sparse[f"c{i}"].values.numpy() for i in range(features)])
-                          for b in batches], axis=1)  # [F, cycle]
-    dense = np.concatenate([b.dense.numpy() for b in batches])  # [cycle, NUM_DENSE]
-    labels = np.concatenate([b.labels.numpy() for b in batches])
-    cycle = labels.shape[0]
+def write_cache(cache_cfg: CacheConfig, shape: BenchShape, total_rows: int, cache_batch_rows: int,
+                *, seed: int = 1, id_skew: float = 1.0) -> int:
+    """Write ``total_rows`` fresh ``synthetic_rows`` (no sample repeats: a stream, so the row
+    cache sees the hit rate of the id distribution, not of a short cycle) as cached batches
+    of ``cache_batch_rows`` rows, shaped like the pipeline's output; returns the bytes stored."""
+    rng = np.random.default_rng(seed)
     with BatchCache.from_config(cache_cfg) as cache:
         for start in range(0, total_rows, cache_batch_rows):
             n = min(cache_batch_rows, total_rows - start)
+            ids, dense, labels = synthetic_rows(shape, n, rng, id_skew)
+            cols = {"label": pa.array(labels)}
+            cols.update((f"d{j}", pa.array(dense[j])) for j in range(NUM_DENSE))
+            cols.update((f"c{i}", pa.array(ids[i])) for i in range(len(shape.rows)))
             at = np.arange(start, start + n, dtype=np.int64)
-            idx = at % cycle
-            cols = {"label": pa.array(labels[idx])}
-            block = dense[idx]
-            for j in range(NUM_DENSE):
-                cols[f"d{j}"] = pa.array(np.ascontiguousarray(block[:, j]))
-            for i in range(features):
-                cols[f"c{i}"] = pa.array(ids[i, idx])
             cols["_offset"] = pa.array(at)
             cols["_event_time_ms"] = pa.array(at * 10)
             cache.write(ProcessedBatch("bench", 0, start, start + n, 0, pa.record_batch(cols), (),
@@ -273,7 +281,7 @@ def write_cache(cache_cfg: CacheConfig, batches: list[SyntheticBatch], total_row
 
 def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, device: torch.device, *,
                precision: Precision, embedding_dtype: EmbeddingDtype,
-               row_cache: RowCacheConfig = RowCacheConfig()) -> TrainSpec:
+               row_cache: RowCacheConfig | None = None) -> TrainSpec:
     """The trainer's config for ``shape``: features ``d0..d12`` and ``c0..c25``, row-wise
     Adagrad on the tables and Adagrad on the MLPs at ``LEARNING_RATE`` (the baseline's dense
     rate), no periodic checkpoints, a metrics window of one batch (its AUC is cheap)."""
@@ -284,7 +292,7 @@ def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, d
         batch_size=shape.batch_size, learning_rate=LEARNING_RATE, precision=precision,
         embedding_dtype=embedding_dtype, checkpoint_dir=checkpoint_dir,
         checkpoint_every_batches=10**9, metrics_window=shape.batch_size, device=str(device))
-    return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache, cache=cache_cfg)
+    return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache or RowCacheConfig(), cache=cache_cfg)
 
 
 def trainer_samples_per_s(cfg: TrainSpec, device: torch.device, *, warmup: int,
@@ -410,15 +418,19 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--top-hidden", type=_ints, default=None,
                     help="top MLP sizes before the logit (default 64,32 CPU, 1024,1024,512,256 CUDA)")
     ap.add_argument("--steps", type=int, default=0,
-                    help="timed baseline/step steps of each, split into --blocks (default 40 CPU, 200 CUDA)")
+                    help="timed baseline/step steps of each, split into --blocks (default 80 CPU, 200 CUDA)")
     ap.add_argument("--warmup", type=int, default=10,
                     help="untimed steps of each, and untimed trainer batches, before timing")
     ap.add_argument("--blocks", type=int, default=8,
                     help="alternating timed blocks of baseline and step; the median block is reported")
     ap.add_argument("--train-batches", type=int, default=0,
-                    help="batches the trainer reads from the cache, warm-up included (default 200 CPU, 100 CUDA)")
+                    help="timed trainer batches in all (default 240 CPU, 100 CUDA)")
+    ap.add_argument("--segments", type=int, default=0,
+                    help="trainer runs the timed batches are split into, each resuming the previous "
+                         "one and alternating with the blocks (default 4 CPU, 1 CUDA)")
     ap.add_argument("--row-cache-batches", type=int, default=0,
-                    help="batches the row-cached trainer reads, warm-up included (default 60 CPU, 40 CUDA)")
+                    help="timed row-cached trainer batches in all (default 60 CPU, 30 CUDA)")
+    ap.add_argument("--row-cache-segments", type=int, default=0, help="default 2 CPU, 1 CUDA")
     ap.add_argument("--cache-ratio", type=float, default=8.0, help="largest table rows / cache rows")
     ap.add_argument("--no-row-cache", action="store_true", help="skip (c)")
     ap.add_argument("--cache-batch-rows", type=int, default=8192, help="rows per cached (LMDB) batch")
@@ -432,7 +444,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of (a) on stderr")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    for name in ("batch_size", "steps", "warmup", "threads", "train_batches", "row_cache_batches", "rows_cap"):
+    for name in ("batch_size", "steps", "warmup", "threads", "train_batches", "row_cache_batches",
+                 "rows_cap", "segments", "row_cache_segments"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.dim < 1 or args.blocks < 1 or args.warmup < 1 or args.cache_batch_rows < 1:
@@ -445,6 +458,11 @@ def _parse(argv) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
     return args
+
+
+def _schedule(segments: int, blocks: int) -> list[int]:
+    """The blocks after which each of ``segments`` trainer runs happens, spread evenly."""
+    return [i * blocks // segments for i in range(segments)]
 
 
 def main(argv=None) -> int:
@@ -460,84 +478,90 @@ def main(argv=None) -> int:
         bottom_hidden=args.bottom_hidden if args.bottom_hidden is not None else ((512, 256) if cuda else (64,)),
         top_hidden=args.top_hidden if args.top_hidden is not None else
         ((1024, 1024, 512, 256) if cuda else (64, 32)))
-    steps = max(1, (args.steps or (200 if cuda else 40)) // args.blocks)  # per block
-    train_batches = args.train_batches or (100 if cuda else 200)
-    row_cache_batches = 0 if args.no_row_cache else (args.row_cache_batches or (40 if cuda else 60))
+    steps = max(1, (args.steps or (200 if cuda else 80)) // args.blocks)  # per block
+    segments = min(args.blocks, args.segments or (1 if cuda else 4))
+    per_segment = max(1, (args.train_batches or (100 if cuda else 240)) // segments)
+    rc_segments = 0 if args.no_row_cache else min(args.blocks, args.row_cache_segments or (1 if cuda else 2))
+    rc_per_segment = max(1, (args.row_cache_batches or (30 if cuda else 60)) // max(1, rc_segments))
+    cache_rows = math.ceil(max(shape.rows) / args.cache_ratio)
     precision, emb_dtype = Precision(args.precision), EmbeddingDtype(args.embedding_dtype)
 
     t0 = time.perf_counter()
     host_batches = make_batches(shape, 8, id_skew=args.id_skew)
-    batches = [b.to(device) for b in host_batches]
-    runners = {"baseline": baseline_step(shape, device),
-               "step": headrace_step(shape, device, embedding_dtype=EMBEDDING_TORCH_DTYPES[emb_dtype],
-                                     precision=precision)}
-    print(f"setup {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    # (a) Short blocks alternating between the two, medians per side: a burst of load from
-    # other processes on a shared machine spoils a block or two, not the ratio.
-    for step in runners.values():
-        _timed(step, batches, args.warmup, device)
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    for block in range(args.blocks):
-        for name, step in runners.items():
-            rates[name].append(_timed(step, batches, steps, device, first=block * steps))
-    if args.profile:
-        for name, step in runners.items():
-            _profile(name, step, batches, device)
-    base, step_rate = statistics.median(rates["baseline"]), statistics.median(rates["step"])
-    # Adjacent blocks share the machine's load at the time: their ratios are paired samples.
-    paired = statistics.median(h / b for h, b in zip(rates["step"], rates["baseline"]))
     unique = sum(int(torch.unique(b.values).numel()) for b in host_batches) / len(host_batches)
-    del runners, batches
-    _free(device)
-
     parent = tempfile.mkdtemp(prefix="headrace-gpu-train-", dir=args.dir or None)
     try:
-        t1 = time.perf_counter()
-        cache_cfg = CacheConfig(path=os.path.join(parent, "cache"),
-                                durability=CacheDurability.NO_METASYNC)
-        cache_bytes = write_cache(cache_cfg, host_batches,
-                                  max(train_batches, row_cache_batches) * shape.batch_size,
-                                  args.cache_batch_rows)
+        # The trainers' data: fresh batches of the same distribution.
+        cache_cfg = CacheConfig(path=os.path.join(parent, "cache"), durability=CacheDurability.NO_METASYNC)
+        total_batches = max(segments * (args.warmup + per_segment), rc_segments * (args.warmup + rc_per_segment))
+        cache_bytes = write_cache(cache_cfg, shape, total_batches * shape.batch_size,
+                                  args.cache_batch_rows, id_skew=args.id_skew)
+        batches = [b.to(device) for b in host_batches]
         del host_batches
-        print(f"cache: {cache_bytes / 2**20:,.0f} MiB written in {time.perf_counter() - t1:.1f} s",
-              file=sys.stderr)
-        # (b) the trainer, whole tables in device memory
-        cfg = train_spec(shape, cache_cfg, os.path.join(parent, "ck-plain"), device,
-                         precision=precision, embedding_dtype=emb_dtype)
-        plain = trainer_samples_per_s(cfg, device, warmup=args.warmup, max_batches=train_batches)
-        _free(device)
-        shutil.rmtree(cfg.trainer.checkpoint_dir, ignore_errors=True)
-        # (c) the trainer over the SSD row cache
-        cached = None
-        cache_rows = math.ceil(max(shape.rows) / args.cache_ratio)
-        if row_cache_batches:
-            rc = RowCacheConfig(enabled=True, path=os.path.join(parent, "rows"), cache_rows=cache_rows)
-            cfg = train_spec(shape, cache_cfg, os.path.join(parent, "ck-rows"), device,
-                             precision=precision, embedding_dtype=emb_dtype, row_cache=rc)
-            cached = trainer_samples_per_s(cfg, device, warmup=args.warmup, max_batches=row_cache_batches)
-            _free(device)
+        runners = {"baseline": baseline_step(shape, device),
+                   "step": headrace_step(shape, device, embedding_dtype=EMBEDDING_TORCH_DTYPES[emb_dtype],
+                                         precision=precision)}
+        trainer = TrainerSegments(
+            train_spec(shape, cache_cfg, os.path.join(parent, "ck-plain"), device,
+                       precision=precision, embedding_dtype=emb_dtype),
+            device, warmup=args.warmup, timed_batches=per_segment)
+        rc_cfg = RowCacheConfig(enabled=True, path=os.path.join(parent, "rows"), cache_rows=cache_rows)
+        row_cached = TrainerSegments(
+            train_spec(shape, cache_cfg, os.path.join(parent, "ck-rows"), device, precision=precision,
+                       embedding_dtype=emb_dtype, row_cache=rc_cfg),
+            device, warmup=args.warmup, timed_batches=rc_per_segment)
+        print(f"setup {time.perf_counter() - t0:.1f} s (cache {cache_bytes / 2**20:,.0f} MiB)", file=sys.stderr)
+
+        # Short blocks alternating between the baseline and the step, with the trainer
+        # segments in between; medians per side: a burst of load from other processes on a
+        # shared machine spoils a block or two, not the ratio.
+        for step in runners.values():
+            _timed(step, batches, args.warmup, device)
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        pairs: dict[str, list[float]] = {"trainer": [], "row_cache": []}
+        plain_at, cached_at = _schedule(segments, args.blocks), _schedule(rc_segments, args.blocks)
+        for block in range(args.blocks):
+            for name, step in runners.items():
+                rates[name].append(_timed(step, batches, steps, device, first=block * steps))
+            for _ in range(plain_at.count(block)):
+                pairs["trainer"].append(trainer.run_segment() / rates["baseline"][-1])
+                _free(device)
+            for _ in range(cached_at.count(block)):
+                pairs["row_cache"].append(row_cached.run_segment() / trainer.rates[-1])
+                _free(device)
+        if args.profile:
+            for name, step in runners.items():
+                _profile(name, step, batches, device)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
 
+    base, step_rate = statistics.median(rates["baseline"]), statistics.median(rates["step"])
+    # Adjacent blocks share the machine's load at the time: their ratios are paired samples.
+    step_paired = statistics.median(h / b for h, b in zip(rates["step"], rates["baseline"]))
+    plain = trainer.summary()
+    cached = row_cached.summary() if rc_segments else None
     mine = plain["samples_per_s"]
     print(f"device {device} ({torch.get_num_threads()} threads), batch {shape.batch_size}, "
           f"{len(shape.rows)} tables, {sum(shape.rows):,} rows x D{shape.dim}, "
           f"{unique:,.0f} unique rows/batch, tables {args.embedding_dtype}, precision {args.precision}",
           file=sys.stderr)
-    print(f"{'':10s} {'samples/s':>12s}   blocks of {steps} steps", file=sys.stderr)
-    for name in ("baseline", "step"):
-        print(f"{name:10s} {statistics.median(rates[name]):12,.0f}   "
-              + " ".join(f"{r:,.0f}" for r in rates[name]), file=sys.stderr)
-    print(f"{'step ratio':10s} {step_rate / base:12.2f}   (median of block-pair ratios {paired:.2f})",
+    print(f"{'':10s} {'samples/s':>12s}   blocks of {steps} steps / segments of {per_segment} batches",
           file=sys.stderr)
-    print(f"{'trainer':10s} {mine:12,.0f}   ratio {mine / base:.2f}, data wait "
-          f"{100 * plain['data_wait_fraction']:.1f}%, {plain['batches']} batches in {plain['seconds']:.1f} s "
-          f"(+ warm-up {plain['warmup_s']:.1f} s, final checkpoint {plain['final_checkpoint_s']:.1f} s)",
+    for name, values in (("baseline", rates["baseline"]), ("step", rates["step"]),
+                         ("trainer", trainer.rates), ("row cache", row_cached.rates)):
+        if values:
+            print(f"{name:10s} {statistics.median(values):12,.0f}   "
+                  + " ".join(f"{r:,.0f}" for r in values), file=sys.stderr)
+    print(f"step/base  {step_rate / base:12.2f}   (median of block-pair ratios {step_paired:.2f})",
           file=sys.stderr)
+    print(f"train/base {mine / base:12.2f}   (median of segment/block ratios "
+          f"{statistics.median(pairs['trainer']):.2f}); trainer data wait "
+          f"{100 * plain['data_wait_fraction']:.1f}%, warm-up {plain['warmup_s']:.1f} s, final "
+          f"checkpoints {plain['final_checkpoint_s']:.1f} s", file=sys.stderr)
     if cached is not None:
-        print(f"{'row cache':10s} {cached['samples_per_s']:12,.0f}   ratio to trainer "
-              f"{cached['samples_per_s'] / mine:.2f}, hit rate {cached['hit_rate']:.3f}, store wait "
-              f"{cached['store_wait_ms_per_batch']:.1f} ms/batch, data wait "
+        print(f"rc/train   {cached['samples_per_s'] / mine:12.2f}   (median of segment-pair ratios "
+              f"{statistics.median(pairs['row_cache']):.2f}); hit rate {cached['hit_rate']:.3f}, "
+              f"store wait {cached['store_wait_ms_per_batch']:.1f} ms/batch, data wait "
               f"{100 * cached['data_wait_fraction']:.1f}%, cache {cache_rows:,} rows/table",
               file=sys.stderr)
     if args.json:
@@ -546,7 +570,9 @@ def main(argv=None) -> int:
             "ratio": mine / base, "data_wait_fraction": plain["data_wait_fraction"],
             "row_cache_samples_per_s": None if cached is None else cached["samples_per_s"],
             "row_cache_ratio": None if cached is None else cached["samples_per_s"] / mine,
-            "step_samples_per_s": step_rate, "step_ratio": step_rate / base, "paired_ratio": paired,
+            "paired_ratio": statistics.median(pairs["trainer"]),
+            "row_cache_paired_ratio": statistics.median(pairs["row_cache"]) if cached else None,
+            "step_samples_per_s": step_rate, "step_ratio": step_rate / base, "step_paired_ratio": step_paired,
             "trainer": plain, "row_cache": cached, "row_cache_rows_per_table": cache_rows,
             "batch_size": shape.batch_size, "dim": shape.dim, "rows_cap": max(shape.rows),
             "tables": len(shape.rows), "total_rows": sum(shape.rows), "unique_rows_per_batch": unique,

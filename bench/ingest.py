@@ -8,9 +8,13 @@ headrace: the real bounded pipeline (``ReadKafkaRange`` -> ``ProcessBatches`` ->
 thread so the figure is per core. Both figures divide events by the process's CPU time
 (user + sys) as well as by wall time; the ratio uses wall time.
 
-    python bench/ingest.py [--events 300000] [--json]
+    python bench/ingest.py [--events 300000] [--metrics off|on|compare] [--json]
 
 With ``--json`` the last line is ``{"events_per_s", "baseline_events_per_s", "ratio", ...}``.
+``--metrics on`` runs the pipeline as ``serve``/``backfill`` do, keeping the ingest metrics
+and writing their snapshots (``engine.metrics``); ``compare`` runs the pipeline with metrics
+off and on ``--repeats`` times each, alternating, and adds ``metrics_overhead`` (1 - median
+on / median off, events/s wall) to the result.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def _config(bootstrap: str, topic: str, client: str, cache_path: str, id_stats: 
 
 
 def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: str,
-                 id_stats: bool = True) -> tuple[float, float, dict]:
+                 id_stats: bool = True, metrics: bool = False, tag: str = "") -> tuple[float, float, dict]:
     from engine.backfill import KafkaRange, backfill_pipeline_main
     from storage.batch_cache import BatchCache
 
@@ -94,9 +98,10 @@ def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: 
     # not per event; the timed run below measures the steady state of a long-lived service.
     warm = _config(bootstrap, topic, client, os.path.join(workdir, "warmup"))
     backfill_pipeline_main(warm, None, KafkaRange(topic, start_offset=0, end_offset=min(events, 8192)))
-    cfg = _config(bootstrap, topic, client, os.path.join(workdir, f"cache-{id_stats}"), id_stats)
+    cfg = _config(bootstrap, topic, client, os.path.join(workdir, f"cache-{id_stats}{tag}"), id_stats)
+    metrics_dir = os.path.join(workdir, f"metrics{tag}") if metrics else None
     t0, c0 = time.perf_counter(), _cpu_s()
-    backfill_pipeline_main(cfg, None, KafkaRange(topic, start_offset=0, end_offset=events))
+    backfill_pipeline_main(cfg, None, KafkaRange(topic, start_offset=0, end_offset=events), metrics_dir)
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     with BatchCache.from_config(cfg.cache, readonly=True) as cache:
         counts = cache.counts()
@@ -109,6 +114,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=300_000)
     ap.add_argument("--client", default="auto", choices=["auto", "kafka-python", "confluent"])
+    ap.add_argument("--metrics", choices=["off", "on", "compare"], default="off",
+                    help="keep the ingest metrics as serve does (compare: off and on, alternating)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --metrics compare: runs of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     pa.set_cpu_count(1)
@@ -124,9 +132,11 @@ def main(argv=None) -> int:
         _produce(broker.bootstrap, topic, args.events)
         base_wall, base_cpu = run_baseline(broker.bootstrap, topic, args.events, workdir)
         print(f"baseline : {base_wall:,.0f} events/s wall, {base_cpu:,.0f} events/cpu-s", file=sys.stderr)
-        ours_wall, ours_cpu, counts = run_headrace(broker.bootstrap, topic, args.events, workdir, args.client)
+        ours_wall, ours_cpu, counts = run_headrace(broker.bootstrap, topic, args.events, workdir, args.client,
+                                                   metrics=args.metrics == "on")
         print(f"headrace : {ours_wall:,.0f} events/s wall, {ours_cpu:,.0f} events/cpu-s "
-              f"(cached {counts['cached_rows']:,})", file=sys.stderr)
+              f"(cached {counts['cached_rows']:,}; metrics {args.metrics})", file=sys.stderr)
+        overhead = _metrics_overhead(broker.bootstrap, topic, args, workdir) if args.metrics == "compare" else None
         # The same pipeline without the id statistics kept for learned hashing ([hash] stats_enabled).
         bare_wall, bare_cpu, _ = run_headrace(broker.bootstrap, topic, args.events, workdir, args.client, False)
         print(f"headrace without id stats: {bare_wall:,.0f} events/s wall, {bare_cpu:,.0f} events/cpu-s",
@@ -138,11 +148,37 @@ def main(argv=None) -> int:
         "no_id_stats_events_per_s": bare_wall, "no_id_stats_events_per_cpu_s": bare_cpu,
         "cpu_ratio": ours_cpu / base_cpu,
     }
+    if overhead is not None:
+        result.update(overhead)
     if args.json:
         print(orjson.dumps(result).decode())
     else:
         print(f"headrace {ours_wall:,.0f} ev/s vs baseline {base_wall:,.0f} ev/s: {result['ratio']:.1f}x")
     return 0
+
+
+def _metrics_overhead(bootstrap: str, topic: str, args, workdir: str) -> dict:
+    """The pipeline with metrics off and on, alternating (so drift hits both alike)."""
+    import statistics
+
+    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for i in range(args.repeats):
+        for metrics in (False, True):
+            wall, cpu, _ = run_headrace(bootstrap, topic, args.events, workdir, args.client,
+                                        metrics=metrics, tag=f"-m{int(metrics)}-{i}")
+            runs[metrics].append((wall, cpu))
+            print(f"metrics {'on ' if metrics else 'off'} run {i}: {wall:,.0f} events/s wall, "
+                  f"{cpu:,.0f} events/cpu-s", file=sys.stderr)
+    off = statistics.median(w for w, _ in runs[False])
+    on = statistics.median(w for w, _ in runs[True])
+    off_cpu = statistics.median(c for _, c in runs[False])
+    on_cpu = statistics.median(c for _, c in runs[True])
+    print(f"metrics overhead: {100 * (1 - on / off):+.1f}% wall, {100 * (1 - on_cpu / off_cpu):+.1f}% per CPU-s "
+          f"(medians of {args.repeats})", file=sys.stderr)
+    return {"metrics_off_events_per_s": off, "metrics_on_events_per_s": on,
+            "metrics_off_events_per_cpu_s": off_cpu, "metrics_on_events_per_cpu_s": on_cpu,
+            "metrics_overhead": 1 - on / off, "metrics_overhead_cpu": 1 - on_cpu / off_cpu,
+            "metrics_runs": {"off": runs[False], "on": runs[True]}}
 
 
 if __name__ == "__main__":

@@ -5,10 +5,15 @@ present, on a GPU.
 The loading figure is the baseline the trainer must stay under: when loading is many
 times faster than a step, the trainer never waits for data (``data_wait_fraction``).
 
-    python bench/trainer.py [--rows 100000] [--table-rows 100000] [--threads 1] [--json]
+    python bench/trainer.py [--rows 100000] [--table-rows 100000] [--threads 1]
+                            [--metrics off|on|compare] [--json]
 
 With ``--json`` the last line is ``{"results": [{"device", "samples_per_s",
-"load_samples_per_s", "data_wait_fraction", "step_ms"}], ...}``.
+"load_samples_per_s", "data_wait_fraction", "step_ms"}], ...}``. ``--metrics on`` trains as
+``serve``'s trainer does: step-time and freshness numbers kept, a progress report at least
+every second turned into a metrics snapshot file (``engine.metrics``); ``compare`` trains
+with metrics off and on ``--repeats`` times each, alternating, and adds
+``metrics_overhead`` (1 - median on / median off samples/s) per device.
 """
 
 from __future__ import annotations
@@ -54,7 +59,19 @@ def fill_cache(cfg, spec: SyntheticSpec, rows: int, batch_rows: int = 4096) -> N
                                        np.empty(0, np.int64), read=n))
 
 
-def measure(cfg, device: str) -> dict:
+def train_once(cfg, device: str, metrics: bool, snapshot_dir: str) -> dict:
+    """One training run from the start of the cache (fresh checkpoint dir each time)."""
+    if not metrics:
+        return ContinuousTrainer(cfg, device=device, live_metrics=False).run()
+    from engine.metrics import TrainerReporter
+    from engine.train import PROGRESS_EVERY_S
+
+    reporter = TrainerReporter(snapshot_dir)
+    return ContinuousTrainer(cfg, device=device, live_metrics=True, progress_every_s=PROGRESS_EVERY_S,
+                             on_progress=reporter.report).run()
+
+
+def measure(cfg, device: str, metrics: bool = False, snapshot_dir: str = "") -> dict:
     layout = BatchLayout.from_config(cfg)
     with BatchCache.from_config(cfg.cache, readonly=True) as cache:
         t0, samples = time.perf_counter(), 0
@@ -63,7 +80,7 @@ def measure(cfg, device: str) -> dict:
         for item in stream:
             samples += item.batch.batch_size
         load_s = time.perf_counter() - t0
-    summary = ContinuousTrainer(cfg, device=device).run()
+    summary = train_once(cfg, device, metrics, snapshot_dir)
     batches = max(summary["trained_batches"], 1)
     return {
         "device": device, "samples_per_s": summary["samples_per_s"], "load_samples_per_s": samples / load_s,
@@ -79,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--table-rows", type=int, default=100_000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--metrics", choices=["off", "on", "compare"], default="off",
+                    help="keep the live metrics as serve's trainer does (compare: off and on, alternating)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --metrics compare: runs of each")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,14 +113,35 @@ def main(argv=None) -> int:
         for device in devices:
             doc["trainer"].update({"checkpoint_dir": os.path.join(tmp, f"ckpt-{device}"), "batch_size": args.batch_size,
                                    "checkpoint_every_batches": 10**6, "device": device})
-            r = measure(config_from_dict(doc), device)
+            r = measure(config_from_dict(doc), device, args.metrics == "on", os.path.join(tmp, "metrics"))
             print(f"{device}: {r['samples_per_s']:,.0f} samples/s trained, {r['load_samples_per_s']:,.0f} "
-                  f"samples/s loaded alone, data wait {100 * r['data_wait_fraction']:.1f}%", file=sys.stderr)
+                  f"samples/s loaded alone, data wait {100 * r['data_wait_fraction']:.1f}% "
+                  f"(metrics {args.metrics})", file=sys.stderr)
+            if args.metrics == "compare":
+                r.update(_metrics_overhead(doc, device, tmp, args.repeats))
             results.append(r)
     out = {"results": results, "rows": args.rows, "table_rows": args.table_rows, "threads": args.threads}
     if args.json:
         print(orjson.dumps(out).decode())
     return 0
+
+
+def _metrics_overhead(doc: dict, device: str, tmp: str, repeats: int) -> dict:
+    """Training samples/s with metrics off and on, alternating (so drift hits both alike)."""
+    import statistics
+
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats):
+        for metrics in (False, True):
+            doc["trainer"]["checkpoint_dir"] = os.path.join(tmp, f"ckpt-{device}-m{int(metrics)}-{i}")
+            summary = train_once(config_from_dict(doc), device, metrics, os.path.join(tmp, "metrics"))
+            rates[metrics].append(summary["samples_per_s"])
+            print(f"{device} metrics {'on ' if metrics else 'off'} run {i}: {summary['samples_per_s']:,.0f} "
+                  f"samples/s", file=sys.stderr)
+    off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"{device} metrics overhead: {100 * (1 - on / off):+.1f}% (medians of {repeats})", file=sys.stderr)
+    return {"metrics_off_samples_per_s": off, "metrics_on_samples_per_s": on, "metrics_overhead": 1 - on / off,
+            "metrics_runs": {"off": rates[False], "on": rates[True]}}
 
 
 if __name__ == "__main__":

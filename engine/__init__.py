@@ -16,6 +16,8 @@ __all__ = [
     "processes",
     "progress",
     "lag",
+    "metrics",
+    "health",
     "serve",
     "backfill",
     "train",

@@ -1,6 +1,7 @@
 """``headrace backfill``: replay historical logs through the same graph, as a bounded pipeline.
 
-Sources: files (``.jsonl``, ``.jsonl.gz``, ``.tsv``, ``.tsv.gz``; one event per line) or a
+Sources: files (``.jsonl``, ``.tsv``, ``.csv``, each optionally ``.gz``; one event per line,
+or per CSV record) or a
 Kafka topic between two offsets or two timestamps. A backfill is resumable and idempotent:
 each file is a partition of its own in the cache's offsets, so running the same backfill
 again (or after a crash) reads only what is not cached yet.
@@ -13,13 +14,16 @@ import datetime as dt
 import glob
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 from engine.config import HeadraceConfig
 from engine.errors import ConfigError, SourceError
+from engine.health import open_endpoint
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
-from engine.processes import spawn_child
+from engine.processes import child_failure, spawn_child
 from engine.progress import ProgressLine, format_rate
 from storage.batch_cache import BatchCache
 
@@ -27,7 +31,7 @@ __all__ = ["KafkaRange", "parse_time_ms", "expand_paths", "backfill", "backfill_
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".tsv", ".tsv.gz", ".csv", ".csv.gz", ".txt", ".txt.gz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +87,17 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_range: KafkaRange | None) -> None:
-    """Child process (or inline): the bounded pipeline over files or a Kafka range."""
+def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_range: KafkaRange | None,
+                           metrics_dir: str | None = None) -> None:
+    """Child process (or inline): the bounded pipeline over files or a Kafka range. Its cache
+    writer leaves metrics snapshots in ``metrics_dir`` (``engine.metrics``; None: none)."""
     offsets = resume_offsets(cfg)
     pipeline = make_pipeline(cfg, streaming=False)
     if paths:
         from streams.replay import ReadLogFiles
 
-        source = pipeline | "Files" >> ReadLogFiles(paths, cfg.source.max_batch_records, offsets)
+        source = pipeline | "Files" >> ReadLogFiles(paths, cfg.source.max_batch_records, offsets,
+                                                   csv_header=cfg.schema.csv_header)
     else:
         from streams.replay import ReadKafkaRange
 
@@ -99,7 +106,7 @@ def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_r
             cfg.source, r.topic, from_offsets=r.start_offset, to_offsets=r.end_offset,
             from_time_ms=r.start_time_ms, to_time_ms=r.end_time_ms, start_offsets=offsets,
         )
-    apply_graph(source, cfg)
+    apply_graph(source, cfg, metrics_dir=metrics_dir)
     pipeline.run().wait_until_finish()
 
 
@@ -125,19 +132,35 @@ def backfill(
     with BatchCache.from_config(cfg.cache, readonly=True) as cache:
         before = cache.counts()
     t0 = time.monotonic()
-    proc = spawn_child("backfill", backfill_pipeline_main, cfg, paths, kafka_range)
-    with BatchCache.from_config(cfg.cache, readonly=True) as cache:
-        while proc.is_alive():
-            _show(progress, cache.counts(), before, t0, total)
-            proc.join(tick_s)
-        after = cache.counts()
-        _show(progress, after, before, t0, total, force=True)
+    metrics_dir = tempfile.mkdtemp(prefix="headrace-backfill-metrics-")
+    started_unix_s = time.time()
+    error_path = os.path.join(metrics_dir, "pipeline.error")  # the child's error report, if it fails
+    proc = spawn_child("backfill", backfill_pipeline_main, cfg, paths, kafka_range, metrics_dir,
+                       error_path=error_path)
+    failure: Exception | None = None
+    try:
+        with BatchCache.from_config(cfg.cache, readonly=True) as cache, open_endpoint(
+                cfg, "backfill", cache=cache, snapshot_dir=metrics_dir, pipeline=proc,
+                since_unix_s=started_unix_s) as endpoint:
+            while proc.is_alive():
+                _show(progress, cache.counts(), before, t0, total)
+                proc.join(tick_s)
+            after = cache.counts()
+            _show(progress, after, before, t0, total, force=True)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        if proc.exitcode != 0:
+            failure = child_failure(proc, error_path, "the backfill pipeline", SourceError)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     progress.close()
-    if proc.exitcode != 0:
-        raise SourceError(f"backfill pipeline exited with code {proc.exitcode}; see its log above")
+    if failure is not None:
+        raise failure
     elapsed = max(time.monotonic() - t0, 1e-9)
     delta = {k: after[k] - before[k] for k in ("read", "cached_rows", "filtered", "dead_letters")}
-    return {**delta, "events_per_s": delta["read"] / elapsed, "elapsed_s": elapsed}
+    return {**delta, "events_per_s": delta["read"] / elapsed, "elapsed_s": elapsed,
+            "metrics_address": endpoint.address}
 
 
 def _known_total(paths: list[str]) -> int | None:

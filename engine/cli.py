@@ -59,7 +59,8 @@ def cmd_broker(args) -> None:
 def cmd_serve(args) -> dict:
     from engine.serve import serve
 
-    return serve(_config(args), train=not args.no_train, max_seconds=args.max_seconds)
+    return serve(_config(args), train=not args.no_train, max_seconds=args.max_seconds,
+                 status_path=args.status_file)
 
 
 def cmd_backfill(args) -> dict:
@@ -88,8 +89,10 @@ def cmd_train(args) -> dict:
 
     def show(s: dict) -> None:
         auc = s.get("auc")
+        fresh = s.get("freshness_p50_s")
         line.update(f"train: {s.get('trained_samples', 0):,} samples"
-                    + (f" | AUC {auc:.3f} | logloss {s.get('logloss', float('nan')):.4f}" if auc is not None else ""))
+                    + (f" | AUC {auc:.3f} | logloss {s.get('logloss', float('nan')):.4f}" if auc is not None else "")
+                    + (f" | fresh p50 {fresh:.1f}s p99 {s['freshness_p99_s']:.1f}s" if fresh is not None else ""))
 
     result = train(_config(args), follow=args.follow, on_progress=show)
     line.close()
@@ -101,9 +104,81 @@ def cmd_produce(args) -> dict:
 
     cfg = _config(args)
     topic = args.topic or cfg.source.topics[0]
+    if args.partitions is not None and not args.create_topic:
+        raise ConfigError("produce --partitions N needs --create-topic (an existing topic keeps its partitions)")
+    if args.create_topic:
+        from streams.admin import ensure_topic
+
+        ensure_topic(cfg.source.bootstrap, topic, args.partitions, client_options=cfg.source.client_options)
     count = produce_file(cfg.source.bootstrap, topic, args.path, rate_events_per_s=args.rate,
-                         client=cfg.source.client, client_options=cfg.source.client_options)
+                         client=cfg.source.client, client_options=cfg.source.client_options,
+                         csv_header=cfg.schema.csv_header)
     return {"produced": count, "topic": topic}
+
+
+def _admin_target(args) -> tuple[str, dict, HeadraceConfig | None]:
+    """(bootstrap, client options, config) for the topic commands: --bootstrap, else -c's [source]."""
+    cfg = _config(args) if args.config else None
+    if args.bootstrap:
+        return args.bootstrap, dict(cfg.source.client_options) if cfg else {}, cfg
+    if cfg is None:
+        raise ConfigError("topic: give -c CONFIG (its [source] bootstrap and client_options) or --bootstrap HOST:PORT")
+    return cfg.source.bootstrap, dict(cfg.source.client_options), cfg
+
+
+def _topic_configs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config-entry {pair!r}: expected KEY=VALUE, e.g. retention.ms=86400000")
+        out[key] = value
+    return out
+
+
+def cmd_topic_create(args) -> dict:
+    from streams.admin import create_topic
+
+    bootstrap, options, cfg = _admin_target(args)
+    names = args.names or (list(cfg.source.topics) if cfg else [])
+    if not names:
+        raise ConfigError("topic create: name the topic(s), or give -c CONFIG to create its [source] topics")
+    configs = _topic_configs(args.config_entry)
+    done = [{"name": n, "created": create_topic(bootstrap, n, args.partitions, replication_factor=args.replication_factor,
+                                                configs=configs, client_options=options),
+             "partitions": args.partitions} for n in names]
+    return {"bootstrap": bootstrap, "topics": done}
+
+
+def cmd_topic_list(args) -> dict | None:
+    from streams.admin import describe_topics
+
+    bootstrap, options, _ = _admin_target(args)
+    topics = [{"name": t.name, "partitions": len(t.partitions), "internal": t.internal}
+              for t in describe_topics(bootstrap, configs=False, client_options=options)]
+    if args.json:
+        return {"bootstrap": bootstrap, "topics": topics}
+    for t in topics:
+        sys.stdout.write(f"{t['name']}\t{t['partitions']} partition(s){' (internal)' if t['internal'] else ''}\n")
+    return None
+
+
+def cmd_topic_describe(args) -> dict | None:
+    from streams.admin import describe_topics
+
+    bootstrap, options, cfg = _admin_target(args)
+    names = args.names or (list(cfg.source.topics) if cfg else None)
+    infos = describe_topics(bootstrap, names, all_configs=args.all_configs, client_options=options)
+    if args.json:
+        return {"bootstrap": bootstrap, "topics": [t.to_dict() for t in infos]}
+    for t in infos:
+        sys.stdout.write(f"{t.name}: {len(t.partitions)} partition(s)\n")
+        for p in t.partitions:
+            sys.stdout.write(f"  partition {p.partition}: leader {p.leader}, replicas {list(p.replicas)}, "
+                             f"isr {list(p.isr)}\n")
+        for key, value in sorted(t.configs.items()):
+            sys.stdout.write(f"  {key} = {value}\n")
+    return None
 
 
 def cmd_demo(args) -> dict:
@@ -187,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "stream Kafka into the cache and train continuously")
     sp.add_argument("--no-train", action="store_true", help="ingest only")
     sp.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until SIGTERM)")
+    sp.add_argument("--status-file", default=None, metavar="PATH",
+                    help="rewrite this JSON file about every second with counts, lag, trainer progress, "
+                         "freshness, disk space and the processes' pids")
 
     sp = add("backfill", cmd_backfill, "replay logs or a Kafka range through the same pipeline into the cache")
     sp.add_argument("--from", dest="sources", nargs="+", required=True, metavar="PATH|kafka:TOPIC",
@@ -199,10 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train the model from the cache")
     sp.add_argument("--follow", action="store_true", help="keep waiting for new batches (until SIGTERM)")
 
-    sp = add("produce", cmd_produce, "publish a log file to Kafka, one message per line", json_=True)
-    sp.add_argument("--from", dest="path", required=True, help=".jsonl, .jsonl.gz or .tsv file")
+    sp = add("produce", cmd_produce, "publish a log file to Kafka, one message per line (per CSV record)", json_=True)
+    sp.add_argument("--from", dest="path", required=True, help=".jsonl, .tsv or .csv file, optionally .gz")
     sp.add_argument("--topic", default=None, help="default: the first of [source] topics")
     sp.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S")
+    sp.add_argument("--create-topic", action="store_true", help="create the topic first if it does not exist")
+    sp.add_argument("--partitions", type=int, default=None,
+                    help="with --create-topic: its partition count (default 1; an existing topic must match)")
+
+    topic = sub.add_parser("topic", help="create, list and describe Kafka topics (bundled broker or any Kafka)")
+    tsub = topic.add_subparsers(dest="topic_command", required=True, metavar="SUBCOMMAND")
+
+    def add_topic(name: str, fn: Callable, help_: str):
+        tp = tsub.add_parser(name, help=help_, description=help_)
+        tp.add_argument("--config", "-c", default=None, help="TOML config: its [source] bootstrap and client_options")
+        tp.add_argument("--bootstrap", default=None, metavar="HOST:PORT", help="the brokers (instead of -c's)")
+        tp.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+        tp.set_defaults(fn=fn)
+        return tp
+
+    tp = add_topic("create", cmd_topic_create, "create topics (idempotent; default: the config's [source] topics)")
+    tp.add_argument("names", nargs="*", metavar="TOPIC")
+    tp.add_argument("--partitions", type=int, default=1)
+    tp.add_argument("--replication-factor", type=int, default=1)
+    tp.add_argument("--config-entry", action="append", default=[], metavar="KEY=VALUE",
+                    help="topic config, e.g. retention.ms=604800000 (repeatable)")
+    add_topic("list", cmd_topic_list, "list topics with their partition counts")
+    tp = add_topic("describe", cmd_topic_describe, "partitions (leader, replicas, ISR) and configs of topics")
+    tp.add_argument("names", nargs="*", metavar="TOPIC", help="default: the config's [source] topics, else all")
+    tp.add_argument("--all-configs", action="store_true", help="every config, not only the non-default ones")
 
     sp = add("demo", cmd_demo, "bundled broker + synthetic stream + serve, ending with a summary", config=False)
     sp.add_argument("--events", type=int, default=200_000)
@@ -244,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = "retriable " if exc.retriable else ""
         sys.stderr.write(f"headrace: {kind}error: {exc}\n")
         return exit_code_of(exc)
-    except KeyboardInterrupt:
-        sys.stderr.write("headrace: interrupted\n")
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"headrace: interrupted{': ' + str(exc) if str(exc) else ''}\n")
         return _EXIT_INTERRUPTED
     if isinstance(result, dict):
         _emit(result, getattr(args, "json", False))

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class LagMonitor(threading.Thread):
-    """``lag`` is None until the first successful measurement."""
+    """``lag`` (all partitions) is None until the first successful measurement;
+    ``partition_lag`` maps ``(topic, partition)`` to the lag of the last measurement."""
 
     def __init__(self, cfg: HeadraceConfig, cache: BatchCache, every_s: float = 2.0, commit_group: bool = True):
         super().__init__(name="lag-monitor", daemon=True)
@@ -32,6 +33,7 @@ class LagMonitor(threading.Thread):
         self.every_s = every_s
         self.commit_group = commit_group
         self.lag: int | None = None
+        self.partition_lag: dict[tuple[str, int], int] = {}
         self._stop_event = threading.Event()
         self._warned = False
 
@@ -43,13 +45,15 @@ class LagMonitor(threading.Thread):
         from streams.kafka_client import watermark_offsets
 
         offsets = self.cache.next_offsets()
-        total = 0
+        per_partition: dict[tuple[str, int], int] = {}
         source = self.cfg.source
         for topic in source.topics:
             parts = list_partitions(source.bootstrap, topic, client_options=source.client_options)
             cached = offsets.get(topic, {})
             for p, (low, high) in watermark_offsets(source, topic, parts).items():
-                total += max(int(high) - int(cached.get(p, low)), 0)
+                per_partition[(topic, int(p))] = max(int(high) - int(cached.get(p, low)), 0)
+        self.partition_lag = per_partition
+        total = sum(per_partition.values())
         if self.commit_group:
             from streams.group_offsets import commit_group_offsets
 

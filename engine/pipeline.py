@@ -43,15 +43,19 @@ def make_pipeline(cfg: HeadraceConfig, *, streaming: bool) -> beam.Pipeline:
     return beam.Pipeline(runner=cfg.pipeline.runner.value, options=options)
 
 
-def apply_graph(source: beam.PCollection, cfg: HeadraceConfig, *, progress_every_s: float = 0.0) -> beam.PCollection:
+def apply_graph(source: beam.PCollection, cfg: HeadraceConfig, *, progress_every_s: float = 0.0,
+                stop_file: str | None = None, metrics_dir: str | None = None) -> beam.PCollection:
     """Apply the shared graph to a PCollection[SourceBatch]; returns PCollection[int]
-    (records accounted per written element)."""
+    (records accounted per written element). ``stop_file``: a streaming run's stop file (the
+    cache writer then waits at the disk reserve instead of failing: ``engine.cache_sink``).
+    ``metrics_dir``: where the cache writer leaves metrics snapshots (``engine.metrics``)."""
     processed = source | "Process" >> ProcessBatches(
         TransformSpec.from_config(cfg), MappingStore.from_config(cfg.hash, cfg.cache), default_mapper=cfg.hash.mapper)
     plugins = plugin_step(cfg)
     if plugins is not None:
         processed = processed | "Plugins" >> plugins
-    return processed | "Cache" >> WriteToCache(cfg, progress_every_s=progress_every_s)
+    return processed | "Cache" >> WriteToCache(cfg, progress_every_s=progress_every_s, stop_file=stop_file,
+                                               metrics_dir=metrics_dir)
 
 
 def plugin_step(cfg: HeadraceConfig) -> ApplyPlugins | None:

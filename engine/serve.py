@@ -4,8 +4,20 @@ continuous trainer, each in its own child process, supervised from here.
 Stop (SIGINT/SIGTERM, or ``until`` returning True): the pipeline stops reading and flushes
 (its source sees a stop file and finishes its restriction, so every batch already read is
 written), then the trainer stops, checkpoints and exits; ``serve`` returns the summary.
+The signal may hit the supervisor alone or the whole process group (Ctrl-C, systemd's
+``KillMode=control-group``): children ignore SIGINT/SIGTERM (``engine.processes``), so
+either way the stop is this ordered one and ends in exit 0. A second signal stops fast:
+the children are killed (SIGKILL) without the final flush and checkpoint, and ``serve``
+raises KeyboardInterrupt (exit 130).
+
 A SIGKILL at any instant loses nothing: the cache commits batches and offsets together
 and the next run resumes from the cache's offsets.
+
+Disk space: while the cache's file system is below ``[cache] disk_reserve_bytes`` the
+pipeline holds its next batch and waits (``engine.cache_sink``), the trainer goes on with
+what is cached, and the progress line says "ingest paused". A child that fails (e.g. a
+full disk: ``DiskFullError``) reports its error to the supervisor, which stops the other
+child in order and raises the same error (so the CLI exits with its code, 8 for a full disk).
 """
 
 from __future__ import annotations
@@ -23,10 +35,11 @@ import orjson
 
 from engine.config import HeadraceConfig
 from engine.errors import SourceError, TrainerError
+from engine.health import open_endpoint
 from engine.lag import LagMonitor
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
-from engine.processes import StopFile, install_stop_signals, spawn_child
+from engine.processes import StopFile, child_failure, install_stop_signals, spawn_child
 from engine.progress import ProgressLine, format_rate
 from engine.refit_loop import RefitThread
 from storage.atomic import atomic_write_bytes
@@ -37,29 +50,38 @@ __all__ = ["ServeStatus", "serve", "pipeline_main", "trainer_main"]
 log = logging.getLogger(__name__)
 
 
-def pipeline_main(cfg: HeadraceConfig, stop_path: str) -> None:
-    """Child process: the streaming Beam pipeline, Kafka -> cache, until the stop file."""
+def pipeline_main(cfg: HeadraceConfig, stop_path: str, metrics_dir: str | None = None) -> None:
+    """Child process: the streaming Beam pipeline, Kafka -> cache, until the stop file
+    (which also ends a wait at the disk reserve: see ``engine.cache_sink``). Its cache
+    writer leaves metrics snapshots in ``metrics_dir`` (``engine.metrics``)."""
     from streams.kafka_source import ReadKafkaBatches
 
     offsets = resume_offsets(cfg)
     pipeline = make_pipeline(cfg, streaming=True)
     source = pipeline | "Kafka" >> ReadKafkaBatches(cfg.source, offsets, stop_file=stop_path)
-    apply_graph(source, cfg, progress_every_s=10.0)
+    apply_graph(source, cfg, progress_every_s=10.0, stop_file=stop_path, metrics_dir=metrics_dir)
     pipeline.run().wait_until_finish()
 
 
-def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True) -> None:
+def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True,
+                 metrics_dir: str | None = None) -> None:
     """Child process: the continuous trainer on the cache, until the stop file. Goes through
     ``engine.train.train`` so a ``[sharding] enabled`` serve writes the same (sharded)
-    checkpoints a later ``torchrun ... train`` resumes from."""
+    checkpoints a later ``torchrun ... train`` resumes from. Each progress report is also a
+    metrics snapshot in ``metrics_dir`` (``engine.metrics``)."""
     from engine.fit_hash import migration_hook
+    from engine.metrics import TrainerReporter
     from engine.train import train
+
+    metrics = TrainerReporter(metrics_dir) if metrics_dir else None
 
     def report(status: dict) -> None:
         atomic_write_bytes(progress_path, orjson.dumps(status, option=orjson.OPT_SERIALIZE_NUMPY))
+        if metrics is not None:
+            metrics.report(status)
 
     summary = train(cfg, follow=follow, stop=StopFile(stop_path), on_progress=report,
-                    on_mapping_change=migration_hook(cfg), handle_signals=False)
+                    on_mapping_change=migration_hook(cfg), handle_signals=False, endpoint=False)
     report({**summary, "final": True})
 
 
@@ -74,6 +96,10 @@ class ServeStatus:
     dead_letters: int
     trainer: dict[str, Any]
     lag: int | None = None
+    disk: dict[str, Any] | None = None  # BatchCache.disk(): free, reserve, paused
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "trained_samples": self.trained_samples}
 
     @property
     def trained_samples(self) -> int:
@@ -89,15 +115,20 @@ def _read_json(path: str) -> dict:
         return {}
 
 
-def _status(cache: BatchCache, t0: float, progress_path: str | None, lag: int | None = None) -> ServeStatus:
+def _status(cache: BatchCache, t0: float, progress_path: str | None, lag: int | None = None,
+            disk: dict | None = None) -> ServeStatus:
     c = cache.counts()
+    trainer = _read_json(progress_path) if progress_path else {}
     return ServeStatus(time.monotonic() - t0, c["read"], c["cached_rows"], c["filtered"],
-                       c["dead_letters"], _read_json(progress_path) if progress_path else {}, lag)
+                       c["dead_letters"], trainer, lag, disk)
 
 
 def _describe(s: ServeStatus, rate: float) -> str:
     parts = [f"read {s.read:,}", f"{format_rate(rate)} ev/s", f"lag {'?' if s.lag is None else f'{s.lag:,}'}",
              f"cached {s.cached_rows:,}", f"dead {s.dead_letters:,}"]
+    if s.disk and s.disk.get("paused"):
+        parts.append(f"INGEST PAUSED: {s.disk['free_bytes'] / (1 << 20):,.0f} MiB free < reserve "
+                     f"{s.disk['reserve_bytes'] / (1 << 20):,.0f} MiB")
     if s.trainer:
         parts.append(f"trained {s.trained_samples:,}")
         if s.trainer.get("auc") is not None:
@@ -106,6 +137,8 @@ def _describe(s: ServeStatus, rate: float) -> str:
             parts.append(f"logloss {s.trainer['logloss']:.4f}")
         if s.trainer.get("mapping_version"):
             parts.append(f"mapping v{s.trainer['mapping_version']}")
+        if s.trainer.get("freshness_p50_s") is not None:
+            parts.append(f"fresh p50 {s.trainer['freshness_p50_s']:.1f}s p99 {s.trainer['freshness_p99_s']:.1f}s")
     return "serve: " + " | ".join(parts)
 
 
@@ -118,28 +151,48 @@ def serve(
     progress: ProgressLine | None = None,
     handle_signals: bool = True,
     tick_s: float = 0.25,
+    status_path: str | None = None,
 ) -> dict:
-    """Run the service until a signal, ``until(status)`` or ``max_seconds``; return the summary."""
+    """Run the service until a signal, ``until(status)`` or ``max_seconds``; return the summary.
+    ``status_path``: rewrite this JSON file (atomically, about every second) with the
+    ``ServeStatus`` and the children's pids, for watchdogs and ``bench/soak.py``."""
     os.makedirs(cfg.cache.path, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="headrace-run-")
     pipe_stop, train_stop = StopFile(os.path.join(run_dir, "stop-pipeline")), StopFile(os.path.join(run_dir, "stop-trainer"))
+    pipe_error, train_error = os.path.join(run_dir, "pipeline.error"), os.path.join(run_dir, "trainer.error")
     progress_path = os.path.join(run_dir, "trainer.json") if train else None
-    stop_requested = threading.Event()
+    metrics_dir = os.path.join(run_dir, "metrics")  # children's snapshots (engine.metrics)
+    stop_requested, forced = threading.Event(), threading.Event()
     if handle_signals and threading.current_thread() is threading.main_thread():
-        install_stop_signals(stop_requested.set)
+        install_stop_signals(stop_requested.set, forced.set)
 
     # Fail fast, before any child starts: a broken cache or an unloadable plugin.
     resume_offsets(cfg)
     load_plugins(cfg.pipeline.plugins)
-    pipe = spawn_child("pipeline", pipeline_main, cfg, pipe_stop.path)
-    trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path) if train else None
+    started_unix_s = time.time()
+    pipe = spawn_child("pipeline", pipeline_main, cfg, pipe_stop.path, metrics_dir, error_path=pipe_error)
+    trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path, True, metrics_dir,
+                          error_path=train_error) if train else None
+    endpoint = None
     progress = progress or ProgressLine()
     t0 = time.monotonic()
     failure: Exception | None = None
+
+    def join(proc) -> None:
+        # Interruptible: a second signal (``forced``) must not wait for a slow flush.
+        while proc.is_alive():
+            if forced.is_set():
+                raise KeyboardInterrupt("stopped fast on a second signal: children killed without a final "
+                                        "flush or checkpoint; the next run resumes from the last checkpoint "
+                                        "and the cache's offsets")
+            proc.join(timeout=0.1)
+
     try:
         with BatchCache.from_config(cfg.cache, readonly=True) as cache:
             lag = LagMonitor(cfg, cache)
             lag.start()
+            endpoint = open_endpoint(cfg, "serve", cache=cache, snapshot_dir=metrics_dir, pipeline=pipe,
+                                     trainer=trainer, lag=lag, since_unix_s=started_unix_s)
             refit = RefitThread(cfg, cache) if cfg.hash.refit_every_s > 0 else None
             if refit is not None:
                 refit.start()
@@ -149,9 +202,13 @@ def serve(
             # Ingest rate over the span in which events were arriving (not startup or idling).
             first_read_t: float | None = None
             read_seen, last_change_t = start.read, t0
+            disk, disk_t, status_t = cache.disk(), t0, 0.0
+            pids = {"supervisor": os.getpid(), "pipeline": pipe.pid, "trainer": trainer.pid if trainer else None}
             while True:
-                status = _status(cache, t0, progress_path, lag.lag)
                 now = time.monotonic()
+                if now - disk_t >= 2.0:
+                    disk, disk_t = cache.disk(), now
+                status = _status(cache, t0, progress_path, lag.lag, disk)
                 if status.read > read_seen:
                     if first_read_t is None:
                         first_read_t = last_change_t
@@ -160,13 +217,17 @@ def serve(
                     rate = (status.read - last_read) / (now - last_t)
                     last_read, last_t = status.read, now
                 progress.update(_describe(status, rate))
+                if status_path and now - status_t >= 1.0:
+                    status_t = now
+                    atomic_write_bytes(status_path, orjson.dumps({**status.to_dict(), "events_per_s": rate,
+                                                                  "pids": pids}), durable=False)
                 if stop_requested.is_set() or (until and until(status)) or (max_seconds and status.elapsed_s >= max_seconds):
                     break
                 if not pipe.is_alive():
-                    failure = SourceError(f"the pipeline process exited with code {pipe.exitcode}; see its log above")
+                    failure = child_failure(pipe, pipe_error, "the pipeline process", SourceError, "")
                     break
                 if trainer is not None and not trainer.is_alive():
-                    failure = TrainerError(f"the trainer process exited with code {trainer.exitcode}; see its log above")
+                    failure = child_failure(trainer, train_error, "the trainer process", TrainerError, "")
                     break
                 time.sleep(tick_s)
             # Stop order matters: the pipeline flushes what it read, then the trainer checkpoints.
@@ -175,27 +236,29 @@ def serve(
                 refit.stop()
                 refit.join()
             pipe_stop.request()
-            pipe.join()
+            join(pipe)
             if trainer is not None:
                 train_stop.request()
-                trainer.join()
+                join(trainer)
             lag.join(timeout=10)
-            status = _status(cache, t0, progress_path, lag.lag)
+            status = _status(cache, t0, progress_path, lag.lag, cache.disk())
             progress.update(_describe(status, status.read / max(status.elapsed_s, 1e-9)), force=True)
             progress.close()
             cache_stat = cache.stat()
+        if failure is None and pipe.exitcode != 0:
+            failure = child_failure(pipe, pipe_error, "the pipeline process", SourceError, " while stopping")
+        if failure is None and trainer is not None and trainer.exitcode != 0:
+            failure = child_failure(trainer, train_error, "the trainer process", TrainerError, " while stopping")
     finally:
         for proc in (pipe, trainer):
             if proc is not None and proc.is_alive():
                 proc.kill()
                 proc.join()
+        if endpoint is not None:
+            endpoint.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     if failure is not None:
         raise failure
-    if pipe.exitcode != 0:
-        raise SourceError(f"the pipeline process exited with code {pipe.exitcode} while stopping")
-    if trainer is not None and trainer.exitcode != 0:
-        raise TrainerError(f"the trainer process exited with code {trainer.exitcode} while stopping")
     elapsed = max(status.elapsed_s, 1e-9)
     events = status.read - start.read
     ingest_s = (last_change_t - first_read_t) if first_read_t is not None else 0.0
@@ -206,6 +269,8 @@ def serve(
         "dead_letters": status.dead_letters - start.dead_letters,
         "cache_dead_letters_by_reason": cache_stat.get("dead_letters", {}),
         "trained_samples": int(status.trainer.get("trained_samples", 0)),
+        "total_trained_samples": status.trained_samples,
+        "checkpoint": status.trainer.get("checkpoint"),
         "auc": status.trainer.get("auc"),
         "logloss": status.trainer.get("logloss"),
         "events_per_s": events / ingest_s if ingest_s > 0 else 0.0,
@@ -213,4 +278,7 @@ def serve(
         "mapping_version": status.trainer.get("mapping_version"),
         "mapping_refits": [r.get("version") for r in (refit.reports if refit else []) if "version" in r],
         "elapsed_s": elapsed,
+        "freshness_p50_s": status.trainer.get("freshness_p50_s"),
+        "freshness_p99_s": status.trainer.get("freshness_p99_s"),
+        "metrics_address": endpoint.address if endpoint is not None else None,
     }

@@ -15,14 +15,18 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Callable
 
 from engine.config import HeadraceConfig
+from engine.errors import CacheError
 from engine.processes import install_stop_signals
 
-__all__ = ["train", "launched_by_torchrun"]
+__all__ = ["train", "launched_by_torchrun", "PROGRESS_EVERY_S"]
+
+log = logging.getLogger(__name__)
 
 
 def launched_by_torchrun() -> bool:
@@ -33,7 +37,7 @@ def launched_by_torchrun() -> bool:
 def train(cfg: HeadraceConfig, *, follow: bool = False,
           on_progress: Callable[[dict[str, Any]], None] | None = None,
           handle_signals: bool = True, stop: Callable[[], bool] | None = None,
-          on_mapping_change: Callable[..., None] | None = None) -> dict | None:
+          on_mapping_change: Callable[..., None] | None = None, endpoint: bool = True) -> dict | None:
     """Train from the cache's current position (or the last checkpoint); returns the summary
     ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM (with
     ``handle_signals``) or ``stop()`` turning true stop it after the current step with a
@@ -42,7 +46,11 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
     (default: migrate rows with ``engine.fit_hash.migration_hook``).
 
     In a sharded job only rank 0 returns the summary (it adds ``world_size`` and ``plan``) and
-    calls ``on_progress``; the other ranks return None, so the job prints one result."""
+    calls ``on_progress``; the other ranks return None, so the job prints one result.
+
+    ``endpoint``: serve ``[metrics]`` from this process (rank 0 only; ``serve``'s trainer child
+    passes False and reports to its supervisor instead); the summary then adds
+    ``metrics_address``. Progress is reported at least every ``PROGRESS_EVERY_S`` seconds."""
     import torch
 
     if cfg.trainer.threads:
@@ -62,7 +70,66 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
         from engine.fit_hash import migration_hook
 
         on_mapping_change = migration_hook(cfg)
-    kwargs = dict(follow=follow, stop=stopped, on_progress=on_progress, on_mapping_change=on_mapping_change)
+    if not (endpoint and cfg.metrics.address is not None and os.environ.get("RANK", "0") == "0"):
+        return _train(cfg, follow=follow, stop=stopped, on_progress=on_progress,
+                      on_mapping_change=on_mapping_change)
+    from engine.health import open_endpoint
+    from engine.metrics import TrainerReporter
+
+    reporter = TrainerReporter(None)
+    cache = _ReadonlyAfterTrainer(cfg, reporter)
+
+    def report(status: dict[str, Any]) -> None:
+        reporter.report(status)
+        if on_progress is not None:
+            on_progress(status)
+
+    try:
+        with open_endpoint(cfg, "train", cache=cache, trainer_reporter=reporter) as ep:
+            summary = _train(cfg, follow=follow, stop=stopped, on_progress=report,
+                             on_mapping_change=on_mapping_change)
+    finally:
+        cache.close()
+    if summary is not None:
+        summary["metrics_address"] = ep.address
+    return summary
+
+
+class _ReadonlyAfterTrainer:
+    """The endpoint's read-only view of the cache, opened once the trainer has reported: the
+    trainer opens the cache writable first (a process must open it writable before read-only)."""
+
+    def __init__(self, cfg: HeadraceConfig, reporter: Any):
+        self.cfg = cfg
+        self.reporter = reporter
+        self._cache = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            if self._cache is None and self.reporter.latest is not None:
+                from storage.batch_cache import BatchCache
+
+                try:
+                    self._cache = BatchCache.from_config(self.cfg.cache, readonly=True)
+                except CacheError as exc:
+                    log.debug("metrics: cache not readable yet: %s", exc)
+            return self._cache
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cache is not None:
+                self._cache.close()
+                self._cache = None
+
+
+#: Seconds between progress reports at most (also every 50 batches): what metrics and
+#: readiness see of the trainer.
+PROGRESS_EVERY_S = 1.0
+
+
+def _train(cfg: HeadraceConfig, **kwargs: Any) -> dict | None:
+    kwargs["progress_every_s"] = PROGRESS_EVERY_S
     if launched_by_torchrun() or cfg.sharding.enabled:
         return _train_sharded(cfg, **kwargs)
     from trainer.loop import ContinuousTrainer

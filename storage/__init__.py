@@ -15,6 +15,7 @@ __all__ = [
     "row_store",
     "row_store_format",
     "atomic",
+    "disk_space",
     "config",
     "errors",
 ]

@@ -13,7 +13,18 @@ dead_letters   topic, partition, ``>Q`` offset            ``dead_letters`` layou
 counters       ``cache_keys.Counter`` / ``dead:<reason>``  ``>q``
 readers        reader name                                ``>Q`` seq it consumed up to
 state          ``cache_keys.StateKey``                    retention budget and outcome
+dead_letter_   ``>Q n`` (write order)                     dead-letter key (retention index)
+order
+train_cuts     ``>Q seq >Q row``                          empty: a recorded training-batch cut
 =============  =========================================  ==================================
+
+``dead_letter_order`` and ``train_cuts`` are newer than the rest: a read-only open of a cache
+no writer of this version opened yet reads them as empty.
+
+Disk space (``storage.disk_space``): a batch write that would leave less than the reserve
+(``[cache] disk_reserve_bytes``) free on the cache's file system raises ``DiskReserveError``
+and writes nothing; one that fails because the file system is full raises ``DiskFullError``.
+Either way the batch and its offsets are not stored, so exactly-once holds.
 
 Processes: one writer process (the pipeline) and any number of reader processes (the
 trainer, ``cache stat``). Readers never block the writer or each other (LMDB MVCC). A
@@ -51,12 +62,15 @@ from storage.cache_keys import (
     BatchMeta,
     Counter,
     StateKey,
-    dead_letter_key,
+    cut_key,
     dead_reason_key,
     decode_i64,
     decode_u64,
     encode_i64,
     encode_u64,
+    get_i64,
+    add_i64,
+    parse_cut_key,
     parse_partition_key,
     partition_key,
     seq_from_key,
@@ -65,8 +79,16 @@ from storage.cache_keys import (
     validate_topic,
 )
 from storage.cache_reader import CachedBatch, CacheReader
-from storage.dead_letters import decode_dead_letter, encode_dead_letter, reason_of
-from storage.errors import CacheError
+from storage.dead_letters import (
+    DeadLetterDbs,
+    decode_dead_letter,
+    expire_dead_letters,
+    index_stored_dead_letters,
+    reason_of,
+    store_dead_letters,
+)
+from storage.disk_space import check_free, disk_full_error, disk_usage, effective_reserve_bytes
+from storage.errors import CacheError, StorageError
 from storage.lmdb_env import MAX_DBS, MAX_READERS, Durability, EnvHandle, acquire, release
 from storage.retention import RetentionPlan, plan_retention
 from transforms.elements import DeadLetter, ProcessedBatch, Reason
@@ -84,6 +106,11 @@ WriteHook = Callable[[Any, ProcessedBatch, int], None]
 
 _DEAD_LETTER_CHUNK = 512
 _MAX_GROW_ATTEMPTS = 16
+#: A failed commit with less than this much more than the write needed free on the cache's
+#: file system is reported as disk full (LMDB says "Input/output error" after a short write).
+_DISK_FULL_SLACK_BYTES = 64 << 20
+_DEAD_ORDER_DB = "dead_letter_order"
+_TRAIN_CUTS_DB = "train_cuts"
 
 
 class SubDb(enum.Enum):
@@ -96,14 +123,11 @@ class SubDb(enum.Enum):
     STATE = "state"
 
 
-def _get_i64(txn, db, key: bytes) -> int:
-    raw = txn.get(key, db=db)
-    return 0 if raw is None else decode_i64(raw)
-
-
-def _add_i64(txn, db, key: bytes, delta: int) -> None:
-    if delta:
-        txn.put(key, encode_i64(_get_i64(txn, db, key) + delta), db=db)
+def _write_estimate_bytes(pb: ProcessedBatch) -> int:
+    """About what one write adds to the file: the batch, its dead letters, and LMDB's
+    copy-on-write pages (branch pages, counters, offsets), doubled to be safe."""
+    dead = sum(len(dl.raw) + len(dl.detail) + 64 for dl in pb.dead_letters)
+    return 2 * (pb.batch.nbytes + dead) + (64 << 10)
 
 
 class BatchCache:
@@ -130,14 +154,22 @@ class BatchCache:
         max_bytes: int = 0,
         readonly: bool = False,
         durability: Durability = Durability.FULL,
+        disk_reserve_bytes: int | None = None,
+        dead_letter_max_bytes: int = 256 << 20,
     ):
         if map_size_bytes < 1 << 16:
             raise CacheError(f"map_size_bytes must be >= 65536, got {map_size_bytes}")
         if max_bytes < 0:
             raise CacheError(f"max_bytes must be >= 0 (0 = keep everything), got {max_bytes}")
+        if disk_reserve_bytes is not None and disk_reserve_bytes < 0:
+            raise CacheError(f"disk_reserve_bytes must be >= 0 or None, got {disk_reserve_bytes}")
+        if dead_letter_max_bytes < 0:
+            raise CacheError(f"dead_letter_max_bytes must be >= 0 (0 = keep all), got {dead_letter_max_bytes}")
         self._path = os.fspath(path)
         self._readonly = readonly
         self._max_bytes = max_bytes
+        self._disk_reserve_bytes = disk_reserve_bytes
+        self._dead_letter_max_bytes = dead_letter_max_bytes
         self._hooks: list[WriteHook] = []
         self._warned_blocked = False
         self._handle: EnvHandle | None = acquire(
@@ -145,6 +177,10 @@ class BatchCache:
         )
         try:
             self._db = dict(zip(SubDb, self._open_named(*(sub.value for sub in SubDb))))
+            self._dead_order = self._open_optional(_DEAD_ORDER_DB)
+            self._cuts = self._open_optional(_TRAIN_CUTS_DB)
+            if not readonly:
+                self._index_legacy_dead_letters()
         except BaseException:
             release(self._handle)
             self._handle = None
@@ -155,7 +191,8 @@ class BatchCache:
         """Open the cache described by a ``storage.config.CacheConfig``."""
         return cls(
             cache_cfg.path, map_size_bytes=cache_cfg.map_size_bytes, max_bytes=cache_cfg.max_bytes, readonly=readonly,
-            durability=Durability(cache_cfg.durability.value),
+            durability=Durability(cache_cfg.durability.value), disk_reserve_bytes=cache_cfg.disk_reserve_bytes,
+            dead_letter_max_bytes=cache_cfg.dead_letter_max_bytes,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,11 +267,39 @@ class BatchCache:
                 ) from None
             return [handle.dbs[n] for n in names]
 
+    def _open_optional(self, name: str):
+        """A sub-database newer than the cache format's first version: created on a writable
+        open; None on a read-only open of a cache that lacks it (read as empty)."""
+        try:
+            return self._open_named(name)[0]
+        except CacheError:
+            if self._readonly:
+                return None
+            raise
+
+    def _dead_dbs(self) -> DeadLetterDbs:
+        return DeadLetterDbs(self._db[SubDb.DEAD_LETTERS], self._dead_order, self._db[SubDb.COUNTERS])
+
+    def _index_legacy_dead_letters(self) -> None:
+        def body(txn) -> None:
+            state = self._db[SubDb.STATE]
+            if txn.get(StateKey.DEAD_ORDER_INDEXED.key, db=state) is None:
+                n = index_stored_dead_letters(txn, self._dead_dbs())
+                if n:
+                    _log.info("cache %s: indexed %d dead letters stored by an earlier version for retention",
+                              self._path, n)
+                txn.put(StateKey.DEAD_ORDER_INDEXED.key, b"1", db=state)
+
+        with self._txn() as txn:
+            done = txn.get(StateKey.DEAD_ORDER_INDEXED.key, db=self._db[SubDb.STATE]) is not None
+        if not done:
+            self._write_txn(body)
+
     def open_db(self, name: str):
         """A named sub-database for cache extensions (e.g. id statistics kept by a write
         hook), created if missing on a writable cache. Call it before writing, never from
         inside a hook (it needs its own write transaction)."""
-        if not name or name in {s.value for s in SubDb}:
+        if not name or name in {s.value for s in SubDb} or name in (_DEAD_ORDER_DB, _TRAIN_CUTS_DB):
             raise CacheError(f"sub-database name {name!r} is empty or reserved by the batch cache; pick another")
         return self._open_named(name)[0]
 
@@ -315,11 +380,14 @@ class BatchCache:
         Blocks while another process commits. Idempotent: re-writing a stored range is a
         DUPLICATE and changes nothing. A batch whose kept rows are all trimmed or filtered
         stores no batch (no seq) but still advances the offset and the counters. Raises
-        CacheError for a batch that breaks its own accounting (nothing is written).
+        CacheError for a batch that breaks its own accounting, ``DiskReserveError`` when the
+        write would dip into the disk reserve and ``DiskFullError`` when the file system is
+        full (nothing is written in any of these cases).
         """
         self._require_writable("write")
         checked = check(pb)
         d = self._db
+        needed = _write_estimate_bytes(pb)
 
         def body(txn) -> tuple[WriteStatus, RetentionPlan | None]:
             pkey = partition_key(pb.topic, pb.partition)
@@ -328,12 +396,15 @@ class BatchCache:
             status = classify(pb, stored_next)
             if status is not WriteStatus.WRITTEN:
                 return status, None
+            check_free(self._path, what=f"cache write ({pb.topic}[{pb.partition}] offsets "
+                       f"{pb.start_offset}..{pb.end_offset})", needed_bytes=needed,
+                       configured_reserve=self._disk_reserve_bytes)
             adm = admit(checked, stored_next)
             kept = adm.pb
             counters = d[SubDb.COUNTERS]
             if kept.batch.num_rows:
                 data = encode_batch(kept.batch)
-                seq = _get_i64(txn, counters, Counter.NEXT_SEQ.key)
+                seq = get_i64(txn, counters, Counter.NEXT_SEQ.key)
                 key = seq_key(seq)
                 txn.put(key, data, db=d[SubDb.BATCHES], append=True)
                 meta = BatchMeta(
@@ -343,33 +414,60 @@ class BatchCache:
                     event_time_min_ms=adm.event_time_min_ms, event_time_max_ms=adm.event_time_max_ms,
                 )
                 txn.put(key, meta.encode(), db=d[SubDb.META], append=True)
-                _add_i64(txn, counters, Counter.NEXT_SEQ.key, 1)
-                _add_i64(txn, counters, Counter.STORED_BATCHES.key, 1)
-                _add_i64(txn, counters, Counter.STORED_ROWS.key, kept.batch.num_rows)
-                _add_i64(txn, counters, Counter.STORED_BYTES.key, len(data))
-                _add_i64(txn, counters, Counter.WRITTEN_BYTES.key, len(data))
-                _add_i64(txn, counters, Counter.CACHED_ROWS.key, kept.batch.num_rows)
+                add_i64(txn, counters, Counter.NEXT_SEQ.key, 1)
+                add_i64(txn, counters, Counter.STORED_BATCHES.key, 1)
+                add_i64(txn, counters, Counter.STORED_ROWS.key, kept.batch.num_rows)
+                add_i64(txn, counters, Counter.STORED_BYTES.key, len(data))
+                add_i64(txn, counters, Counter.WRITTEN_BYTES.key, len(data))
+                add_i64(txn, counters, Counter.CACHED_ROWS.key, kept.batch.num_rows)
                 for hook in self._hooks:
                     hook(txn, kept, seq)
             by_reason: dict[str, int] = {}
+            store_dead_letters(txn, self._dead_dbs(), kept.dead_letters)
             for dl in kept.dead_letters:
-                txn.put(dead_letter_key(dl.topic, dl.partition, dl.offset), encode_dead_letter(dl), db=d[SubDb.DEAD_LETTERS])
                 by_reason[dl.reason.value] = by_reason.get(dl.reason.value, 0) + 1
             for reason, n in by_reason.items():
-                _add_i64(txn, counters, dead_reason_key(reason), n)
-            _add_i64(txn, counters, Counter.DEAD_LETTERS.key, len(kept.dead_letters))
-            _add_i64(txn, counters, Counter.FILTERED.key, int(kept.filtered_offsets.size))
-            _add_i64(txn, counters, Counter.READ.key, adm.read)
+                add_i64(txn, counters, dead_reason_key(reason), n)
+            add_i64(txn, counters, Counter.DEAD_LETTERS.key, len(kept.dead_letters))
+            add_i64(txn, counters, Counter.FILTERED.key, int(kept.filtered_offsets.size))
+            add_i64(txn, counters, Counter.READ.key, adm.read)
             txn.put(pkey, encode_u64(pb.end_offset), db=d[SubDb.OFFSETS])
             state = d[SubDb.STATE]
-            if txn.get(StateKey.MAX_BYTES.key, db=state) != encode_i64(self._max_bytes):
-                txn.put(StateKey.MAX_BYTES.key, encode_i64(self._max_bytes), db=state)
+            for key, value in ((StateKey.MAX_BYTES, self._max_bytes),
+                               (StateKey.DEAD_LETTER_MAX_BYTES, self._dead_letter_max_bytes)):
+                if txn.get(key.key, db=state) != encode_i64(value):
+                    txn.put(key.key, encode_i64(value), db=state)
+            expire_dead_letters(txn, self._dead_dbs(), self._dead_letter_max_bytes)
             return status, self._retain(txn, self._max_bytes)
 
-        status, plan = self._write_txn(body)
+        try:
+            status, plan = self._write_txn(body)
+        except CacheError as exc:
+            raise self._disk_full_or(exc, needed) from exc.__cause__
         if plan is not None:
             self._note_retention(plan)
         return status
+
+    def _disk_full_or(self, exc: CacheError, needed_bytes: int) -> StorageError:
+        """``exc``, or a ``DiskFullError`` when an LMDB failure came with a full file system
+        (LMDB reports a short write as an I/O error, not as ENOSPC)."""
+        if not isinstance(exc.__cause__, lmdb.Error) or isinstance(exc.__cause__, lmdb.ReadersFullError):
+            return exc
+        usage = disk_usage(self._path)
+        if usage.free_bytes >= 2 * needed_bytes + _DISK_FULL_SLACK_BYTES:
+            return exc
+        err = disk_full_error(self._path, what=f"cache write ({exc.__cause__})", needed_bytes=needed_bytes,
+                              usage=usage)
+        err.__cause__ = exc.__cause__
+        return err
+
+    def disk(self) -> dict[str, Any]:
+        """The cache's file system now: ``free_bytes``, ``total_bytes``, the ``reserve_bytes``
+        in force and whether ingest is ``paused`` by it (free below the reserve)."""
+        usage = disk_usage(self._path)
+        reserve = effective_reserve_bytes(self._disk_reserve_bytes, total_bytes=usage.total_bytes)
+        return {"free_bytes": usage.free_bytes, "total_bytes": usage.total_bytes, "reserve_bytes": reserve,
+                "paused": usage.free_bytes < reserve}
 
     # ------------------------------------------------------------------ retention
 
@@ -377,7 +475,7 @@ class BatchCache:
         """Apply retention inside ``txn`` and record its outcome in ``state``."""
         d = self._db
         counters, state = d[SubDb.COUNTERS], d[SubDb.STATE]
-        stored_bytes = _get_i64(txn, counters, Counter.STORED_BYTES.key)
+        stored_bytes = get_i64(txn, counters, Counter.STORED_BYTES.key)
         plan = RetentionPlan([], 0, 0, None)
         if max_bytes > 0 and stored_bytes > max_bytes:
             mcur = txn.cursor(db=d[SubDb.META])
@@ -402,10 +500,12 @@ class BatchCache:
             for seq in plan.delete_seqs:
                 txn.delete(seq_key(seq), db=d[SubDb.BATCHES])
                 txn.delete(seq_key(seq), db=d[SubDb.META])
-            _add_i64(txn, counters, Counter.STORED_BATCHES.key, -len(plan.delete_seqs))
-            _add_i64(txn, counters, Counter.STORED_ROWS.key, -sum(rows_of[s] for s in plan.delete_seqs))
-            _add_i64(txn, counters, Counter.STORED_BYTES.key, -plan.freed_bytes)
-        if _get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key) != plan.over_budget_bytes:
+            if plan.delete_seqs and self._cuts is not None:
+                self._delete_cuts_below(txn, max(plan.delete_seqs) + 1)
+            add_i64(txn, counters, Counter.STORED_BATCHES.key, -len(plan.delete_seqs))
+            add_i64(txn, counters, Counter.STORED_ROWS.key, -sum(rows_of[s] for s in plan.delete_seqs))
+            add_i64(txn, counters, Counter.STORED_BYTES.key, -plan.freed_bytes)
+        if get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key) != plan.over_budget_bytes:
             txn.put(StateKey.OVER_BUDGET_BYTES.key, encode_i64(plan.over_budget_bytes), db=state)
         blocked = (plan.blocked_by_reader or "").encode()
         if (txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"") != blocked:
@@ -435,7 +535,7 @@ class BatchCache:
 
         def body(txn) -> RetentionPlan:
             txn.put(name.encode(), encode_u64(seq), db=d[SubDb.READERS])
-            return self._retain(txn, _get_i64(txn, d[SubDb.STATE], StateKey.MAX_BYTES.key))
+            return self._retain(txn, get_i64(txn, d[SubDb.STATE], StateKey.MAX_BYTES.key))
 
         self._note_retention(self._write_txn(body))
 
@@ -447,6 +547,33 @@ class BatchCache:
     def reader_positions(self) -> dict[str, int]:
         with self._txn() as txn:
             return {bytes(k).decode(): decode_u64(v) for k, v in txn.cursor(db=self._db[SubDb.READERS])}
+
+    # ------------------------------------------------------------ training cuts
+
+    def record_train_cut(self, seq: int, row: int) -> None:
+        """Record, durably, that a training batch ends at cursor ``(seq, row)`` although it
+        is not full (``[trainer] max_batch_wait_ms``), so every later reading of the cache
+        cuts there too. Idempotent. Retention deletes the cuts of the batches it deletes."""
+        self._require_writable("record_train_cut")
+        if not (isinstance(seq, int) and isinstance(row, int) and seq >= 0 and row >= 0):
+            raise CacheError(f"a training cut needs int seq, row >= 0, got {seq!r}, {row!r}")
+        self._write_txn(lambda txn: txn.put(cut_key(seq, row), b"", db=self._cuts))
+
+    def train_cuts(self, start_seq: int = 0) -> list[tuple[int, int]]:
+        """Recorded training cuts ``(seq, row)`` with ``seq >= start_seq``, in order."""
+        if self._cuts is None:
+            return []
+        with self._txn() as txn:
+            cur = txn.cursor(db=self._cuts)
+            if not cur.set_range(cut_key(start_seq, 0)):
+                return []
+            return [parse_cut_key(k) for k in cur.iternext(keys=True, values=False)]
+
+    def _delete_cuts_below(self, txn, seq: int) -> None:
+        cur = txn.cursor(db=self._cuts)
+        ok = cur.first()
+        while ok and parse_cut_key(cur.key())[0] < seq:
+            ok = cur.delete() and bool(cur.key())  # moves to the next entry (none after the last)
 
     # -------------------------------------------------------------------- offsets
 
@@ -564,11 +691,26 @@ class BatchCache:
         with self._txn() as txn:
             c = self._db[SubDb.COUNTERS]
             return {
-                name: _get_i64(txn, c, counter.key)
+                name: get_i64(txn, c, counter.key)
                 for name, counter in (
                     ("read", Counter.READ), ("cached_rows", Counter.CACHED_ROWS),
                     ("filtered", Counter.FILTERED), ("dead_letters", Counter.DEAD_LETTERS),
                 )
+            }
+
+    def sizes(self) -> dict[str, int]:
+        """What the cache holds now and has written, from counters (constant time, unlike
+        ``stat``): ``batches``, ``rows``, ``bytes`` (stored now), ``written_bytes`` and
+        ``written_batches`` (ever), ``dead_letters_expired``."""
+        with self._txn() as txn:
+            c = self._db[SubDb.COUNTERS]
+            return {
+                "batches": get_i64(txn, c, Counter.STORED_BATCHES.key),
+                "rows": get_i64(txn, c, Counter.STORED_ROWS.key),
+                "bytes": get_i64(txn, c, Counter.STORED_BYTES.key),
+                "written_bytes": get_i64(txn, c, Counter.WRITTEN_BYTES.key),
+                "written_batches": get_i64(txn, c, Counter.NEXT_SEQ.key),
+                "dead_letters_expired": get_i64(txn, c, Counter.DEAD_EXPIRED.key),
             }
 
     def dead_letters(self, *, reason: Reason | str | None = None, limit: int | None = None) -> Iterator[DeadLetter]:
@@ -634,23 +776,29 @@ class BatchCache:
             blocked = bytes(txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"").decode()
             return {
                 "path": self._path,
-                "batches": _get_i64(txn, c, Counter.STORED_BATCHES.key),
-                "rows": _get_i64(txn, c, Counter.STORED_ROWS.key),
-                "bytes": _get_i64(txn, c, Counter.STORED_BYTES.key),
-                "written_bytes": _get_i64(txn, c, Counter.WRITTEN_BYTES.key),
+                "batches": get_i64(txn, c, Counter.STORED_BATCHES.key),
+                "rows": get_i64(txn, c, Counter.STORED_ROWS.key),
+                "bytes": get_i64(txn, c, Counter.STORED_BYTES.key),
+                "written_bytes": get_i64(txn, c, Counter.WRITTEN_BYTES.key),
                 "offsets": offsets,
                 "dead_letters": dead_by_reason,
                 "event_time": None if tmin is None else [tmin, tmax],
-                "read": _get_i64(txn, c, Counter.READ.key),
-                "cached_rows": _get_i64(txn, c, Counter.CACHED_ROWS.key),
-                "filtered": _get_i64(txn, c, Counter.FILTERED.key),
-                "dead_letters_total": _get_i64(txn, c, Counter.DEAD_LETTERS.key),
+                "read": get_i64(txn, c, Counter.READ.key),
+                "cached_rows": get_i64(txn, c, Counter.CACHED_ROWS.key),
+                "filtered": get_i64(txn, c, Counter.FILTERED.key),
+                "dead_letters_total": get_i64(txn, c, Counter.DEAD_LETTERS.key),
                 "first_seq": r.first_seq(),
                 "last_seq": r.last_seq(),
                 "readers": readers,
                 "mapping_versions": versions,
-                "max_bytes": _get_i64(txn, state, StateKey.MAX_BYTES.key),
-                "over_budget_bytes": _get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key),
+                "max_bytes": get_i64(txn, state, StateKey.MAX_BYTES.key),
+                "over_budget_bytes": get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key),
                 "blocked_by_reader": blocked or None,
                 "map_size_bytes": self._live().map_size_bytes,
+                "dead_letters_stored": get_i64(txn, c, Counter.DEAD_STORED.key),
+                "dead_letter_bytes": get_i64(txn, c, Counter.DEAD_STORED_BYTES.key),
+                "dead_letters_expired": get_i64(txn, c, Counter.DEAD_EXPIRED.key),
+                "dead_letter_max_bytes": get_i64(txn, state, StateKey.DEAD_LETTER_MAX_BYTES.key),
+                "train_cuts": 0 if self._cuts is None else int(txn.stat(self._cuts)["entries"]),
+                "disk": self.disk(),
             }

@@ -1,4 +1,5 @@
-"""Byte layouts of the batch cache's LMDB keys and values (pure, no LMDB import).
+"""Byte layouts of the batch cache's LMDB keys and values (no LMDB import; the counter
+helpers take the caller's transaction).
 
 Every integer key is big-endian so LMDB's byte-wise key order is numeric order:
 cursor order over ``batches`` is write order, over ``dead_letters`` it is
@@ -13,6 +14,8 @@ Layouts (stored on disk: never change one without a format version bump):
 - dead-letter key: partition key ``+ >Q offset``.
 - offsets value: ``>Q next_offset``; counter and state values: ``>q``.
 - batch meta value: ``BatchMeta`` packed by ``_META`` followed by the topic in UTF-8.
+- dead-letter order key: ``>Q n`` (write order); value: the dead-letter key.
+- training cut key: ``>Q seq >Q row`` (a cursor); empty value.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from storage.errors import CacheError
 __all__ = [
     "BatchMeta", "Counter", "StateKey",
     "seq_key", "seq_from_key", "partition_key", "parse_partition_key",
-    "dead_letter_key", "parse_dead_letter_key", "encode_u64", "decode_u64",
-    "encode_i64", "decode_i64", "dead_reason_key", "DEAD_REASON_PREFIX",
+    "dead_letter_key", "parse_dead_letter_key", "cut_key", "parse_cut_key", "encode_u64", "decode_u64",
+    "encode_i64", "decode_i64", "get_i64", "add_i64", "dead_reason_key", "DEAD_REASON_PREFIX",
     "validate_topic", "validate_partition",
 ]
 
@@ -48,6 +51,13 @@ class Counter(enum.Enum):
     committed write). Current contents: STORED_BATCHES, STORED_ROWS, STORED_BYTES (they
     drop when retention deletes batches). NEXT_SEQ: the seq the next stored batch gets
     (seqs are never reused, even when retention emptied the cache).
+
+    Dead letters kept (``[cache] dead_letter_max_bytes``): DEAD_STORED and
+    DEAD_STORED_BYTES count the stored ones (key + value bytes) and drop when retention
+    deletes the oldest; DEAD_EXPIRED counts those deleted (never decreases); DEAD_NEXT_SEQ
+    numbers them in write order (``dead_letter_order``). DEAD_LETTERS and the ``dead:<reason>``
+    counters are lifetime totals, so ``READ == CACHED_ROWS + FILTERED + DEAD_LETTERS`` holds
+    whatever retention removed.
     """
 
     READ = "read"
@@ -59,6 +69,10 @@ class Counter(enum.Enum):
     STORED_ROWS = "stored_rows"
     STORED_BYTES = "stored_bytes"
     NEXT_SEQ = "next_seq"
+    DEAD_STORED = "dead_stored"
+    DEAD_STORED_BYTES = "dead_stored_bytes"
+    DEAD_EXPIRED = "dead_expired"
+    DEAD_NEXT_SEQ = "dead_next_seq"
 
     @property
     def key(self) -> bytes:
@@ -80,6 +94,8 @@ class StateKey(enum.Enum):
     MAX_BYTES = "max_bytes"  # >q, the retention budget of the last writer (0 = none)
     OVER_BUDGET_BYTES = "over_budget_bytes"  # >q, stored bytes above the budget
     BLOCKED_BY_READER = "blocked_by_reader"  # UTF-8 reader name; empty = not blocked
+    DEAD_LETTER_MAX_BYTES = "dead_letter_max_bytes"  # >q, the writer's dead-letter budget (0 = none)
+    DEAD_ORDER_INDEXED = "dead_order_indexed"  # present once dead letters stored before the index are in it
 
     @property
     def key(self) -> bytes:
@@ -172,12 +188,33 @@ def parse_dead_letter_key(key: bytes | memoryview) -> tuple[str, int, int]:
     return topic, partition, _U64.unpack(key[-8:])[0]
 
 
+def cut_key(seq: int, row: int) -> bytes:
+    return _U64.pack(seq) + _U64.pack(row)
+
+
+def parse_cut_key(key: bytes | memoryview) -> tuple[int, int]:
+    key = bytes(key)
+    return _U64.unpack(key[:8])[0], _U64.unpack(key[8:16])[0]
+
+
 def encode_u64(value: int) -> bytes:
     return _U64.pack(value)
 
 
 def decode_u64(data: bytes | memoryview) -> int:
     return _U64.unpack(data)[0]
+
+
+def get_i64(txn, db, key: bytes) -> int:
+    """A ``>q`` counter read inside ``txn`` (0 when absent)."""
+    raw = txn.get(key, db=db)
+    return 0 if raw is None else decode_i64(raw)
+
+
+def add_i64(txn, db, key: bytes, delta: int) -> None:
+    """Add ``delta`` to a ``>q`` counter inside write transaction ``txn``."""
+    if delta:
+        txn.put(key, encode_i64(get_i64(txn, db, key) + delta), db=db)
 
 
 def encode_i64(value: int) -> bytes:

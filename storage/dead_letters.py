@@ -1,4 +1,5 @@
-"""Byte layout of a stored dead letter (pure, no LMDB import).
+"""Byte layout of a stored dead letter, and its retention (no LMDB import: the store
+functions run inside the batch cache's write transaction).
 
 The key (``cache_keys.dead_letter_key``) is the record's source position, so writing the
 same dead letter twice stores it once. The value keeps everything needed to replay the
@@ -6,17 +7,26 @@ record after a fix: stage, reason code, human-readable detail, timestamp and raw
 
 Layout: ``>q timestamp_ms, >H len(stage), >H len(reason), >I len(detail), >I len(raw)``
 then stage, reason, detail (UTF-8) and raw, back to back.
+
+Retention (``[cache] dead_letter_max_bytes``): every stored dead letter is also numbered in
+write order in ``dead_letter_order`` (``>Q n`` -> its key), so ``expire_dead_letters``
+deletes the oldest first, whatever their topic or offset, until the stored bytes (key +
+value) fit the budget. Only the records go: the lifetime counters (``dead_letters``,
+``dead:<reason>``) stay, so ``read == cached_rows + filtered + dead_letters`` still holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+from typing import Any, Iterable
 
-from storage.cache_keys import parse_dead_letter_key
+from storage.cache_keys import Counter, add_i64, dead_letter_key, encode_u64, get_i64, parse_dead_letter_key
 from storage.errors import CacheError
 from transforms.elements import DeadLetter, Reason, Stage
 
-__all__ = ["encode_dead_letter", "decode_dead_letter", "reason_of"]
+__all__ = ["encode_dead_letter", "decode_dead_letter", "reason_of", "DeadLetterDbs",
+           "store_dead_letters", "expire_dead_letters", "index_stored_dead_letters"]
 
 _HEAD = struct.Struct(">qHHII")
 
@@ -64,3 +74,64 @@ def decode_dead_letter(key: bytes | memoryview, value: bytes | memoryview) -> De
         topic=topic, partition=partition, offset=offset, timestamp_ms=ts,
         stage=stage_enum, reason=reason_enum, detail=detail.decode("utf-8", errors="replace"), raw=raw,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterDbs:
+    """Sub-database handles of one cache: the records, their write order, the counters."""
+
+    records: Any
+    order: Any
+    counters: Any
+
+
+def _index(txn, dbs: DeadLetterDbs, key: bytes, nbytes: int) -> None:
+    n = get_i64(txn, dbs.counters, Counter.DEAD_NEXT_SEQ.key)
+    txn.put(encode_u64(n), key, db=dbs.order, append=True)
+    add_i64(txn, dbs.counters, Counter.DEAD_NEXT_SEQ.key, 1)
+    add_i64(txn, dbs.counters, Counter.DEAD_STORED.key, 1)
+    add_i64(txn, dbs.counters, Counter.DEAD_STORED_BYTES.key, nbytes)
+
+
+def store_dead_letters(txn, dbs: DeadLetterDbs, dead_letters: Iterable[DeadLetter]) -> None:
+    """Store each dead letter at its source position (once: a position already stored keeps
+    its record) and number it in write order."""
+    for dl in dead_letters:
+        key = dead_letter_key(dl.topic, dl.partition, dl.offset)
+        value = encode_dead_letter(dl)
+        if txn.put(key, value, db=dbs.records, overwrite=False):
+            _index(txn, dbs, key, len(key) + len(value))
+
+
+def expire_dead_letters(txn, dbs: DeadLetterDbs, max_bytes: int) -> int:
+    """Delete the oldest stored dead letters until their bytes fit ``max_bytes`` (0: keep
+    all); returns how many went."""
+    if max_bytes <= 0:
+        return 0
+    stored = get_i64(txn, dbs.counters, Counter.DEAD_STORED_BYTES.key)
+    expired = freed = 0
+    cur = txn.cursor(db=dbs.order)
+    ok = cur.first()
+    while ok and stored - freed > max_bytes:
+        key = bytes(cur.value())
+        value = txn.get(key, db=dbs.records)
+        if value is not None:
+            freed += len(key) + len(value)
+            txn.delete(key, db=dbs.records)
+            expired += 1
+        ok = cur.delete() and bool(cur.key())  # moves to the next entry (none after the last)
+    add_i64(txn, dbs.counters, Counter.DEAD_STORED.key, -expired)
+    add_i64(txn, dbs.counters, Counter.DEAD_STORED_BYTES.key, -freed)
+    add_i64(txn, dbs.counters, Counter.DEAD_EXPIRED.key, expired)
+    return expired
+
+
+def index_stored_dead_letters(txn, dbs: DeadLetterDbs) -> int:
+    """Number dead letters stored before the write-order index existed (a cache written by
+    an earlier headrace), in position order; returns how many. Run once, before new ones."""
+    count = 0
+    for key, value in txn.cursor(db=dbs.records):
+        key = bytes(key)
+        _index(txn, dbs, key, len(key) + len(value))
+        count += 1
+    return count

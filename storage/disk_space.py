@@ -102,12 +102,13 @@ def disk_full_error(path: str | os.PathLike[str], *, what: str, needed_bytes: in
 
 
 def check_free(path: str | os.PathLike[str], *, what: str, needed_bytes: int,
-               reserve_bytes: int) -> DiskUsage:
+               configured_reserve: int | None) -> DiskUsage:
     """Raise ``DiskReserveError`` when writing ``needed_bytes`` to ``path`` would leave less
-    than ``reserve_bytes`` free (``reserve_bytes`` 0: only when it does not fit at all, as
-    ``DiskFullError``); otherwise return the usage measured."""
+    free than the reserve (``effective_reserve_bytes(configured_reserve)``; with no reserve,
+    ``DiskFullError`` when it does not fit at all); otherwise return the usage measured."""
     path = os.fspath(path)
     usage = disk_usage(path)
+    reserve_bytes = effective_reserve_bytes(configured_reserve, total_bytes=usage.total_bytes)
     if usage.free_bytes - needed_bytes >= reserve_bytes:
         return usage
     if reserve_bytes <= 0:

@@ -23,6 +23,11 @@ Versions and crash safety (undo logging):
   * Opening rolls back the uncommitted epoch (a crash mid-epoch); ``restore(v)`` goes back
     to ``v`` = the current version, the previous one, or 0 (by wiping the files).
 
+Disk space: a write into a hole of a memory-mapped file on a full file system is a SIGBUS,
+not an error. ``write_many`` therefore checks first that the file system can hold the undo
+log and every page the write may newly allocate, and raises ``DiskFullError`` (naming the
+store's path) instead; the undo log's own ``ENOSPC`` is translated the same way.
+
 Threading: reads may run in another thread concurrently with each other and with writes
 to *other* rows; writes, commits and restores must not run concurrently with each other.
 """
@@ -37,6 +42,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from storage.atomic import atomic_write_bytes, fsync_path
+from storage.disk_space import disk_full_error, disk_usage, is_disk_full_errno
 from storage.errors import CheckpointError
 from storage.row_store_format import (
     FLAG_MATERIALIZED,
@@ -53,6 +59,8 @@ from storage.row_store_format import (
 )
 
 __all__ = ["RowStore", "RowTableSpec", "RowInitializer"]
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # (table name, rows int64[n]) -> initial weights float32[n, dim]; must be deterministic.
 RowInitializer = Callable[[str, np.ndarray], np.ndarray]
@@ -157,7 +165,14 @@ class RowStore:
                 prepared.append((table, spec, rows, weights, state))
         if len({p[0] for p in prepared}) != len(prepared):
             raise ValueError("write_many: a table appears more than once")
-        self._log_undo([(table, rows) for table, _, rows, _, _ in prepared])
+        self._check_space([(table, spec, rows) for table, spec, rows, _, _ in prepared])
+        try:
+            self._log_undo([(table, rows) for table, _, rows, _, _ in prepared])
+        except OSError as exc:
+            if is_disk_full_errno(exc):
+                raise disk_full_error(self.path, what="row store undo log",
+                                      needed_bytes=sum(len(p[2]) * p[1].record_bytes for p in prepared)) from exc
+            raise
         for table, spec, rows, weights, state in prepared:
             records = np.empty((len(rows), spec.record_floats), np.float32)
             records[:, :spec.dim] = weights
@@ -242,6 +257,22 @@ class RowStore:
         finally:
             os.close(fd)
         return np.memmap(file, dtype=np.float32, mode="r+", shape=(spec.rows, spec.record_floats))
+
+    def _check_space(self, items: list[tuple[str, RowTableSpec, np.ndarray]]) -> None:
+        """Raise ``DiskFullError`` unless the file system can take the undo log of these rows
+        and every file page they may materialise (a page holding a never-written row may be
+        a hole)."""
+        needed = 0
+        for table, spec, rows in items:
+            needed += len(rows) * spec.record_bytes  # undo log, at most
+            fresh = rows[self._maps[table][rows, -1] != FLAG_MATERIALIZED]
+            if len(fresh):
+                first = fresh * spec.record_bytes // _PAGE_BYTES
+                last = (fresh * spec.record_bytes + spec.record_bytes - 1) // _PAGE_BYTES
+                needed += len(np.union1d(first, last)) * _PAGE_BYTES
+        usage = disk_usage(self.path)
+        if usage.free_bytes < needed:
+            raise disk_full_error(self.path, what="row store write", needed_bytes=needed, usage=usage)
 
     def _log_undo(self, items: list[tuple[str, np.ndarray]]) -> None:
         chunks, firsts = [], []

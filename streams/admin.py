@@ -1,4 +1,5 @@
-"""Topic and cluster administration: create a topic (idempotently), list partitions, wait
+"""Topic and cluster administration: create a topic (idempotently, with topic configs),
+list and describe topics (partitions, leaders, replicas, configs), list partitions, wait
 for a topic, describe the brokers (the embedded broker's readiness probe).
 
 Every call opens a short-lived kafka-python admin client and closes it before
@@ -12,6 +13,7 @@ authorisation error) raise at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Callable, Mapping, NamedTuple, TypeVar
 
@@ -20,7 +22,11 @@ from streams.errors import SourceError
 
 __all__ = [
     "BrokerAddress",
+    "PartitionInfo",
+    "TopicInfo",
     "create_topic",
+    "describe_topics",
+    "ensure_topic",
     "describe_brokers",
     "list_partitions",
     "list_topics",
@@ -154,15 +160,17 @@ def create_topic(
     partitions: int = 1,
     *,
     replication_factor: int = 1,
+    configs: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
     client_options: Mapping[str, str] | None = None,
 ) -> bool:
     """Create ``name`` with ``partitions`` partitions and wait until it is visible.
+    ``configs``: topic configs set at creation (``retention.ms``, ``cleanup.policy``, ...).
 
     Idempotent: returns True when this call created the topic, False when it already
-    existed with the same partition count. Raises ``SourceError`` (not retriable) when it
-    exists with a different count (Kafka cannot shrink a topic; pick another name or
-    delete it), or when ``partitions < 1``.
+    existed with the same partition count (its configs are left as they are). Raises
+    ``SourceError`` (not retriable) when it exists with a different count (Kafka cannot
+    shrink a topic; pick another name or delete it), or when ``partitions < 1``.
     """
     import kafka.errors as ke
     from kafka.admin import NewTopic
@@ -175,7 +183,8 @@ def create_topic(
     def call() -> bool:
         with _admin(bootstrap, client_options, timeout_s) as admin:
             try:
-                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                admin.create_topics([NewTopic(name, partitions, replication_factor,
+                                              topic_configs=dict(configs or {}))])
                 return True
             except ke.TopicAlreadyExistsError:
                 return False
@@ -215,3 +224,96 @@ def wait_for_topic(
         return parts
 
     return retry_retriable(call, timeout_s=timeout_s, what=f"wait for topic {topic!r} on {bootstrap}")
+
+
+class PartitionInfo(NamedTuple):
+    """One partition as the cluster reports it."""
+
+    partition: int
+    leader: int
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicInfo:
+    """A topic's partitions and configs (``configs``: the non-default ones, or all of them
+    when asked; empty where the broker does not report configs, as the embedded one)."""
+
+    name: str
+    partitions: tuple[PartitionInfo, ...]
+    configs: dict[str, str]
+    internal: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "partitions": len(self.partitions), "internal": self.internal,
+                "partition_details": [p._asdict() | {"replicas": list(p.replicas), "isr": list(p.isr)}
+                                      for p in self.partitions],
+                "configs": dict(self.configs)}
+
+
+def describe_topics(
+    bootstrap: str,
+    topics: list[str] | None = None,
+    *,
+    configs: bool = True,
+    all_configs: bool = False,
+    timeout_s: float = 30.0,
+    client_options: Mapping[str, str] | None = None,
+) -> list[TopicInfo]:
+    """Partitions (and configs, unless ``configs=False``) of ``topics``, or of every topic
+    when None, sorted by name. A named topic that does not exist raises ``SourceError`` (not
+    retriable). ``all_configs``: every config with its value, not only the non-default ones."""
+    import kafka.errors as ke
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    def call() -> list[TopicInfo]:
+        with _admin(bootstrap, client_options, timeout_s) as admin:
+            names = sorted(topics) if topics is not None else sorted(admin.list_topics())
+            if not names:
+                return []
+            descs = admin.describe_topics(names)
+            for desc in descs:
+                code = desc.get("error_code", 0)
+                if code == _UNKNOWN_TOPIC_OR_PARTITION:
+                    raise SourceError(f"topic {desc.get('name')!r} does not exist on {bootstrap} "
+                                      f"(headrace topic list shows the topics)", retriable=False)
+                if code:
+                    raise ke.for_code(code)(f"describe topic {desc.get('name')!r}")
+            found: dict[str, dict[str, str]] = {}
+            if configs:
+                resources = [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
+                answer = admin.describe_configs(resources, config_filter="all" if all_configs else "modified")
+                for name, entries in (answer.get("topic") or {}).items():
+                    found[name] = {k: ("" if v.get("value") is None else str(v.get("value")))
+                                   for k, v in entries.items()}
+        out = []
+        for desc in descs:
+            parts = tuple(sorted(PartitionInfo(p["partition_index"], p.get("leader_id", -1),
+                                               tuple(p.get("replica_nodes") or ()), tuple(p.get("isr_nodes") or ()))
+                                 for p in desc["partitions"]))
+            out.append(TopicInfo(desc["name"], parts, found.get(desc["name"], {}), bool(desc.get("is_internal"))))
+        return sorted(out, key=lambda t: t.name)
+
+    return retry_retriable(call, timeout_s=timeout_s, what=f"describe topics on {bootstrap}")
+
+
+def ensure_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int | None = None,
+    *,
+    timeout_s: float = 30.0,
+    client_options: Mapping[str, str] | None = None,
+) -> bool:
+    """Create ``name`` unless it exists; returns True when this call created it. With
+    ``partitions`` None an existing topic is fine whatever its partition count (a new one
+    gets 1); with a count, an existing topic must have exactly that many (``create_topic``)."""
+    if partitions is None:
+        def call() -> bool:
+            with _admin(bootstrap, client_options, timeout_s) as admin:
+                return _describe(admin, name) is not None
+
+        if retry_retriable(call, timeout_s=timeout_s, what=f"look up topic {name!r} on {bootstrap}"):
+            return False
+    return create_topic(bootstrap, name, partitions or 1, timeout_s=timeout_s, client_options=client_options)

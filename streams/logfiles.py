@@ -1,27 +1,46 @@
-"""Line-oriented event log files: ``.jsonl``, ``.jsonl.gz``, ``.tsv``, ``.tsv.gz``.
+"""Line-oriented event log files: ``.jsonl``, ``.tsv``, ``.csv``, each optionally ``.gz``.
 
-One event per line. Line numbers are 0-based and every line counts, blank ones
-included, so a file's line numbers are its offsets (``streams.replay``) and a resumed
-read skips exactly the lines already consumed. The line terminator (``\\n`` or
-``\\r\\n``) is stripped; a final line without a terminator still counts.
+One event per line, except that a CSV record whose quoted field holds a line break spans
+several lines (``iter_records``). Line numbers are 0-based and every line counts, blank
+ones included, so a file's line numbers are its offsets (``streams.replay``: a record's
+offset is the number of its first line) and a resumed read skips exactly the lines
+already consumed. The line terminator (``\\n`` or ``\\r\\n``) is stripped; a final line
+without a terminator still counts.
+
+CSV records (RFC 4180): a line that leaves a quoted field open (a ``"`` at the start of a
+field, not yet closed; ``""`` inside is a quote, a ``"`` inside an unquoted field is just a
+byte) continues on the next line, up to ``MAX_CSV_RECORD_LINES`` lines; the lines are
+joined with ``\\n``. If the quoted field is not closed within that many lines (or by the
+end of the file), the first line is a record on its own (the decoder dead-letters it:
+unbalanced quote) and the next line starts afresh, so an unclosed quote costs at most
+that many lines' worth of events, never the rest of the file. The split depends only on the bytes from the record's first
+line on, so a resumed read (which starts at a record boundary) splits the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import gzip
+import itertools
 import os
 import zlib
 from typing import IO, Iterator
 
+import numba
+import numpy as np
 from streams.errors import SourceError
 
-__all__ = ["LogFormat", "log_format", "open_log", "iter_lines"]
+__all__ = ["LogFormat", "log_format", "open_log", "iter_lines", "iter_records", "MAX_CSV_RECORD_LINES"]
+
+#: The most lines one CSV record (a quoted field with line breaks) may span.
+MAX_CSV_RECORD_LINES = 100
 
 
 class LogFormat(enum.Enum):
     JSONL = "jsonl"
     TSV = "tsv"
+    CSV = "csv"
 
 
 _SUFFIXES = {
@@ -29,6 +48,8 @@ _SUFFIXES = {
     ".jsonl.gz": (LogFormat.JSONL, True),
     ".tsv": (LogFormat.TSV, False),
     ".tsv.gz": (LogFormat.TSV, True),
+    ".csv": (LogFormat.CSV, False),
+    ".csv.gz": (LogFormat.CSV, True),
 }
 
 
@@ -78,3 +99,106 @@ def iter_lines(path: str, *, skip_lines: int = 0) -> Iterator[bytes]:
         raise SourceError(f"log file {path!r}: unreadable after line {number}: {exc}", retriable=False) from exc
     finally:
         f.close()
+
+
+def iter_records(path: str, *, skip_lines: int = 0) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(first line, next line, record)`` of ``path`` from line ``skip_lines`` on:
+    one line per record, or for ``.csv`` files the lines of a record with quoted line
+    breaks joined by ``\\n`` (see the module docstring). ``skip_lines`` must be a record
+    boundary. Raises like ``iter_lines``."""
+    lines = iter_lines(path, skip_lines=skip_lines)
+    try:
+        if log_format(os.fspath(path)) is LogFormat.CSV:
+            yield from _csv_records(lines, skip_lines)
+        else:
+            for number, line in enumerate(lines, start=skip_lines):
+                yield number, number + 1, line
+    finally:
+        lines.close()
+
+
+@numba.njit(cache=True, nogil=True)
+def _quote_state(data, state):
+    """The RFC 4180 quote state after the bytes ``data`` of one line given the state before
+    it (0 at a field's start, 1 in an unquoted field, 2 inside quotes, 3 after a quote
+    inside quotes): a ``"`` opens a quoted field only at a field's start, and inside one
+    ``""`` is a quote. Only 2 means the record goes on past the line."""
+    for k in range(data.shape[0]):
+        b = data[k]
+        if state == 2:
+            if b == 34:
+                state = 3
+        elif state == 3:  # a closing quote, or the first of ""
+            if b == 34:
+                state = 2
+            elif b == 44:
+                state = 0
+            else:
+                state = 1
+        elif b == 44:
+            state = 0
+        elif b == 34:
+            if state == 0:
+                state = 2
+        else:
+            state = 1
+    return state
+
+
+@numba.njit(cache=True, nogil=True)
+def _open_after_lines(data, offsets):
+    """Per line ``data[offsets[i]:offsets[i + 1]]``: whether a quoted field is open after it
+    when it starts a record, and when it starts inside a quoted field."""
+    n = offsets.shape[0] - 1
+    from_start = np.empty(n, dtype=np.bool_)
+    from_quoted = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        line = data[offsets[i]:offsets[i + 1]]
+        from_start[i] = _quote_state(line, 0) == 2
+        from_quoted[i] = _quote_state(line, 2) == 2
+    return from_start, from_quoted
+
+
+_CHUNK_LINES = 4096
+
+
+def _with_quote_states(lines: Iterator[bytes]) -> Iterator[tuple[bytes, bool, bool]]:
+    """``(line, open after it from a record start, open after it from inside quotes)``,
+    computed by one kernel call per chunk of lines that has a quote at all."""
+    while chunk := list(itertools.islice(lines, _CHUNK_LINES)):
+        if not any(b'"' in line for line in chunk):
+            yield from ((line, False, True) for line in chunk)
+            continue
+        offsets = np.zeros(len(chunk) + 1, dtype=np.int64)
+        np.cumsum([len(line) for line in chunk], out=offsets[1:])
+        data = np.frombuffer(b"".join(chunk) or b"\0", dtype=np.uint8)
+        from_start, from_quoted = _open_after_lines(data, offsets)
+        yield from zip(chunk, from_start.tolist(), from_quoted.tolist())
+
+
+def _csv_records(lines: Iterator[bytes], number: int) -> Iterator[tuple[int, int, bytes]]:
+    annotated = _with_quote_states(lines)
+    pending: collections.deque = collections.deque()  # annotated lines read ahead, not yet used
+    while True:
+        item = pending.popleft() if pending else next(annotated, None)
+        if item is None:
+            return
+        line, opens, _ = item
+        if not opens:
+            yield number, number + 1, line
+            number += 1
+            continue
+        parts, closed = [item], False
+        while not closed and len(parts) < MAX_CSV_RECORD_LINES:
+            more = pending.popleft() if pending else next(annotated, None)
+            if more is None:
+                break
+            parts.append(more)
+            closed = not more[2]  # the line break before it was inside the quotes
+        if not closed:  # never closed: the first line alone (a bad record), the rest afresh
+            pending.extendleft(reversed(parts[1:]))
+            yield number, number + 1, line
+            number += 1
+            continue
+        yield number, number + len(parts), b"\n".join(p[0] for p in parts)
+        number += len(parts)

@@ -9,6 +9,7 @@ hash of a key), so the placement is the same with either client and across runs.
 
 from __future__ import annotations
 
+import csv
 import time
 import zlib
 from typing import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ from streams.admin import list_partitions
 from streams.config import KafkaClientKind
 from streams.errors import SourceError
 from streams.kafka_backend import backend_for
-from streams.logfiles import LogFormat, iter_lines, log_format
+from streams.logfiles import LogFormat, iter_records, log_format
 
 __all__ = ["TokenBucket", "produce_values", "produce_file", "key_partition", "line_key"]
 
@@ -61,15 +62,21 @@ def key_partition(key: bytes, partitions: int) -> int:
 
 
 def line_key(line: bytes, fmt: LogFormat, key_field: str | int) -> bytes | None:
-    """The key of one log line: a JSON field (by name) or a TSV column (by 0-based index).
+    """The key of one log line: a JSON field (by name) or a TSV/CSV column (by 0-based index).
 
     None when the line has no such field/column or does not parse; such lines are placed
     round-robin (they are still produced: bad events are dead-lettered downstream).
     """
-    if fmt is LogFormat.TSV:
+    if fmt in (LogFormat.TSV, LogFormat.CSV):
         if not isinstance(key_field, int):
-            raise ValueError(f"key_field for a TSV file must be a column index, got {key_field!r}")
-        cols = line.split(b"\t")
+            raise ValueError(f"key_field for a {fmt.value.upper()} file must be a column index, got {key_field!r}")
+        if fmt is LogFormat.TSV:
+            cols = line.split(b"\t")
+        else:
+            try:
+                cols = [c.encode() for c in next(csv.reader([line.decode("utf-8")], strict=True), [])]
+            except (UnicodeDecodeError, csv.Error):
+                return None
         return cols[key_field] if 0 <= key_field < len(cols) else None
     try:
         obj = orjson.loads(line)
@@ -159,15 +166,18 @@ def produce_file(
     client_options: Mapping[str, str] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    csv_header: bool = True,
 ) -> int:
-    """Produce each line of a ``.jsonl[.gz]``/``.tsv[.gz]`` file as one message.
+    """Produce each line of a ``.jsonl``/``.tsv``/``.csv`` file (optionally ``.gz``) as one
+    message; a CSV record with quoted line breaks is one message (``logfiles.iter_records``).
 
-    Lines go round-robin over the partitions, or, with ``key_field`` (JSON field name, or
-    TSV column index), to ``key_partition(key)`` with the key set on the message; lines
-    without the key go round-robin. Blank lines are sent as empty messages (they are
-    dead-lettered downstream, like in a file replay). ``rate_events_per_s`` caps the send
-    rate with a token bucket; ``limit`` stops after that many lines. Returns the number
-    delivered; blocks until all are acknowledged.
+    With ``csv_header`` a CSV file's header record is not sent (consumers name the columns
+    with ``[schema] columns``). Lines go round-robin over the partitions, or, with
+    ``key_field`` (JSON field name, or TSV/CSV column index), to ``key_partition(key)`` with
+    the key set on the message; lines without the key go round-robin. Blank lines are sent
+    as empty messages (they are dead-lettered downstream, like in a file replay).
+    ``rate_events_per_s`` caps the send rate with a token bucket; ``limit`` stops after
+    that many messages. Returns the number delivered; blocks until all are acknowledged.
     """
     fmt = log_format(path)
     options = dict(client_options or {})
@@ -175,7 +185,10 @@ def produce_file(
     bucket = TokenBucket(rate_events_per_s, now_s=clock()) if rate_events_per_s else None
     sender = _Sender(bootstrap, client, options)
     try:
-        for i, line in enumerate(iter_lines(path)):
+        records = (line for _, _, line in iter_records(path))
+        if csv_header and fmt is LogFormat.CSV:
+            next(records, None)
+        for i, line in enumerate(records):
             if limit is not None and i >= limit:
                 break
             if bucket is not None:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pyarrow as pa
 
-__all__ = ["RAW_SCHEMA", "SourceBatch"]
+__all__ = ["RAW_SCHEMA", "SourceBatch", "CSV_HEADER_KEY", "csv_header_of"]
 
 #: Columns of ``SourceBatch.records``. ``timestamp_ms`` is the broker/log timestamp
 #: (-1 when the source has none); ``offset`` is the Kafka offset, or the 0-based line
@@ -18,6 +18,16 @@ RAW_SCHEMA = pa.schema(
         ("value", pa.binary()),
     ]
 )
+
+#: Schema-metadata key of ``SourceBatch.records`` holding the raw header record of the CSV
+#: file the batch comes from (the header itself is not a record of any batch).
+CSV_HEADER_KEY = b"headrace.csv_header"
+
+
+def csv_header_of(records: pa.RecordBatch) -> bytes | None:
+    """The CSV header record a file batch carries (``CSV_HEADER_KEY``); None otherwise."""
+    meta = records.schema.metadata
+    return None if not meta else meta.get(CSV_HEADER_KEY)
 
 
 @dataclasses.dataclass(frozen=True)

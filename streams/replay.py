@@ -1,9 +1,10 @@
 """Bounded sources for backfill, feeding the same transform graph as ``serve``.
 
 ``ReadLogFiles``: each file is one partition (``topic = "file:" + absolute path``,
-partition 0); a line's offset is its 0-based line number, blank lines included (they
-come through as empty values and are dead-lettered downstream, so the accounting of
-every line holds); ``timestamp_ms = -1``. One element per file (a gzip stream cannot be
+partition 0); a record's offset is the 0-based number of its (first) line, blank lines
+included (they come through as empty values and are dead-lettered downstream, so the
+accounting of every line holds); ``timestamp_ms = -1``. A CSV file's header record is
+not an event: no batch holds it, every batch of the file carries it as metadata. One element per file (a gzip stream cannot be
 split without reading it), read sequentially into batches of ``max_batch_records`` lines
 that tile ``[start, number of lines)``. Resuming with ``start_offsets`` skips exactly
 the lines already consumed.
@@ -23,6 +24,7 @@ Records outside the offset range are never read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -38,9 +40,9 @@ from streams.config import SourceConfig
 from streams.errors import SourceConfigError, SourceError
 from streams.kafka_client import watermark_offsets
 from streams.kafka_source import ReadKafkaBatches
-from streams.logfiles import iter_lines, log_format
+from streams.logfiles import LogFormat, iter_lines, iter_records, log_format
 from streams.offsets import exact_offsets_for_times, log_end_offsets
-from streams.records import RAW_SCHEMA, SourceBatch
+from streams.records import CSV_HEADER_KEY, RAW_SCHEMA, SourceBatch
 
 __all__ = [
     "ReadLogFiles",
@@ -62,8 +64,16 @@ def file_topic(path: str) -> str:
     return FILE_TOPIC_PREFIX + os.path.abspath(os.fspath(path))
 
 
-def read_log_file(path: str, start_line: int, max_batch_records: int) -> Iterator[SourceBatch]:
+def read_log_file(path: str, start_line: int, max_batch_records: int, *,
+                  csv_header: bool = True) -> Iterator[SourceBatch]:
     """Batches of one log file from line ``start_line`` on (pure I/O, no Beam).
+
+    Records come from ``logfiles.iter_records``; a record's offset is its first line, and
+    consecutive batches tile the lines (a batch ends after its last record's lines). With
+    ``csv_header`` a ``.csv`` file's first record is its header: it is in no batch (the
+    first batch still covers its lines, like a compacted-away offset, so it is never read
+    nor counted) and every batch of the file carries it in its schema metadata
+    (``records.CSV_HEADER_KEY``), also when resuming past it.
 
     Raises ``SourceError`` when the file has fewer than ``start_line`` lines (the file
     was replaced or truncated since the cache consumed it).
@@ -71,17 +81,32 @@ def read_log_file(path: str, start_line: int, max_batch_records: int) -> Iterato
     if max_batch_records < 1:
         raise ValueError(f"max_batch_records must be >= 1, got {max_batch_records}")
     topic = file_topic(path)
-    values: list[bytes] = []
-    offset = start_line
-    for line in iter_lines(path, skip_lines=start_line):
-        values.append(line)
-        if len(values) == max_batch_records:
-            yield _file_batch(topic, offset, start_line, values)
-            offset += len(values)
-            values = []
-    if values:
-        yield _file_batch(topic, offset, start_line, values)
-        offset += len(values)
+    schema = RAW_SCHEMA
+    records = iter_records(path, skip_lines=start_line)
+    try:
+        if csv_header and log_format(path) is LogFormat.CSV:
+            if start_line == 0:
+                first = next(records, None)
+            else:
+                with contextlib.closing(iter_records(path)) as from_top:
+                    first = next(from_top, None)
+            if first is None:  # an empty file: nothing to read, and no header either
+                records.close()
+                records = (r for r in ())
+            else:
+                schema = RAW_SCHEMA.with_metadata({CSV_HEADER_KEY: first[2]})
+        offset, values, lines = start_line, [], []
+        for number, next_line, value in records:
+            values.append(value)
+            lines.append(number)
+            if len(values) == max_batch_records:
+                yield _file_batch(topic, offset, next_line, start_line, lines, values, schema)
+                offset, values, lines = next_line, [], []
+        if values:
+            yield _file_batch(topic, offset, next_line, start_line, lines, values, schema)
+            offset = next_line
+    finally:
+        records.close()
     if offset == start_line and start_line > 0:
         _check_not_truncated(path, start_line)
 
@@ -96,24 +121,26 @@ def _check_not_truncated(path: str, start_line: int) -> None:
         )
 
 
-def _file_batch(topic: str, start: int, partition_start: int, values: list[bytes]) -> SourceBatch:
+def _file_batch(topic: str, start: int, end: int, partition_start: int, lines: list[int], values: list[bytes],
+                schema: pa.Schema) -> SourceBatch:
     n = len(values)
     records = pa.RecordBatch.from_arrays(
-        [pa.array(np.arange(start, start + n, dtype=np.int64)), pa.array(np.full(n, -1, dtype=np.int64)),
+        [pa.array(np.asarray(lines, dtype=np.int64)), pa.array(np.full(n, -1, dtype=np.int64)),
          pa.array(values, pa.binary())],
-        schema=RAW_SCHEMA,
+        schema=schema,
     )
-    return SourceBatch(topic, 0, start, start + n, partition_start, records)
+    return SourceBatch(topic, 0, start, end, partition_start, records)
 
 
 class _ReadLogFileFn(beam.DoFn):
-    def __init__(self, max_batch_records: int):
+    def __init__(self, max_batch_records: int, csv_header: bool):
         self._max_batch_records = max_batch_records
+        self._csv_header = csv_header
         self._lines = beam.metrics.Metrics.counter("headrace.replay", "file_lines")
 
     def process(self, element: tuple[str, int]) -> Iterator[SourceBatch]:
         path, start_line = element
-        for batch in read_log_file(path, start_line, self._max_batch_records):
+        for batch in read_log_file(path, start_line, self._max_batch_records, csv_header=self._csv_header):
             self._lines.inc(batch.records.num_rows)
             yield batch
 
@@ -123,7 +150,8 @@ class ReadLogFiles(beam.PTransform):
 
     ``start_offsets``: ``{(file_topic(path), 0): next line}`` from the cache. Paths are
     checked at construction: a missing file, an unknown extension or the same file
-    twice is an error naming the path.
+    twice is an error naming the path. ``csv_header``: ``.csv`` files start with a header
+    record (``read_log_file``).
     """
 
     def __init__(
@@ -131,6 +159,8 @@ class ReadLogFiles(beam.PTransform):
         paths: Sequence[str],
         max_batch_records: int = 4096,
         start_offsets: Mapping[tuple[str, int], int] | None = None,
+        *,
+        csv_header: bool = True,
     ):
         super().__init__()
         if max_batch_records < 1:
@@ -153,6 +183,7 @@ class ReadLogFiles(beam.PTransform):
                 raise SourceError(f"log file {absolute!r}: start line {start} < 0", retriable=False)
             self._elements.append((absolute, start))
         self._max_batch_records = max_batch_records
+        self._csv_header = csv_header
 
     def expand(self, pbegin):
         return (
@@ -160,7 +191,7 @@ class ReadLogFiles(beam.PTransform):
             | "Files" >> beam.Create(self._elements, reshuffle=False)
             # One file per worker at a time; reshuffle spreads files over workers.
             | "Spread" >> beam.Reshuffle()
-            | "ReadLines" >> beam.ParDo(_ReadLogFileFn(self._max_batch_records))
+            | "ReadLines" >> beam.ParDo(_ReadLogFileFn(self._max_batch_records, self._csv_header))
         )
 
 

@@ -6,6 +6,7 @@ __all__ = [
     "embedding",
     "model",
     "metrics",
+    "live_metrics",
     "data",
     "optim",
     "device",

@@ -6,11 +6,15 @@ Jagged}) -> [B, F, D]``, ``feature_names``, ``dim``. The rows are not ``nn.Param
 
 * ``forward`` finds the batch's distinct rows per table, looks them up in the cache, evicts
   (LRU/LFU) to make room and fetches the misses in bulk (from the prefetch when it has
-  them). The gathered rows are autograd leaves. Dirty evicted rows are copied to the host
-  and written back to the store (all tables in one ``write_many``) by the next prefetch job
-  in the background, or in line by the next call that reads the store.
-* ``sparse_step()`` (after ``backward()``) applies the row-wise optimizer to those rows in
-  the cache, with the state cached beside each row, and marks them dirty.
+  them). Dirty evicted rows are copied to the host and written back to the store (all
+  tables in one ``write_many``) by the next prefetch job in the background, or in line by
+  the next call that reads the store. The cache itself (the device tier) is ONE
+  ``trainer.fused_embedding.FusedEmbeddingBagCollection`` whose "tables" are the tables'
+  cache slots: the batch, translated to slots, is pooled for every feature by one lookup,
+  and its backward leaves the gradient of each distinct slot pending (no autograd leaves,
+  no per-table kernels).
+* ``sparse_step()`` (after ``backward()``) applies the row-wise optimizer to those slots in
+  one update, with the state cached beside each row, and marks them dirty.
 * ``prefetch(next_sparse)`` starts reading the next batch's missing rows in a background
   thread, after the pending write-backs (one worker, so in that order). Race-free because
   a row's value in the store only changes when the row is evicted, i.e. while it is cached
@@ -44,7 +48,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from storage.row_store import RowStore, RowTableSpec
@@ -52,9 +55,11 @@ from trainer.batch import Jagged
 from trainer.config import RowCachePolicy, RowOptimizerKind, TrainSpec
 from trainer.embedding import CollectionCapabilities, TableSpec, init_rows, shared_dim, table_specs
 from trainer.errors import CheckpointError, TrainerConfigError, TrainerError
+from trainer.fused_embedding import FusedEmbeddingBagCollection
 from trainer.prefetch import RowPrefetcher
 from trainer.row_cache_policy import make_policy
-from trainer.row_optim import apply_row_update_, state_dim_of
+from trainer.row_optim import state_dim_of
+from trainer.sparse_optim import SparseOptimizerKind, SparseOptimizerSpec
 
 __all__ = ["CachedEmbeddingBagCollection", "RowCacheStats", "open_row_store", "build_cached_embeddings",
            "cached_table_specs"]
@@ -99,17 +104,16 @@ def open_row_store(path: str, tables: Sequence[TableSpec], optimizer: RowOptimiz
 
 
 class _TableCache:
-    """Cache of one table: ``capacity`` slots of (weights, state) on ``device``; row <-> slot
-    maps and dirty bits on the host (``row_to_slot`` costs 4 bytes per table row)."""
+    """Cache of one table: ``capacity`` slots of (weights [capacity, D], state [capacity,
+    state_dim]) on the device, views into the device tier's buffers; row <-> slot maps and
+    dirty bits (a view too) on the host (``row_to_slot`` costs 4 bytes per table row)."""
 
-    def __init__(self, spec: TableSpec, state_dim: int, capacity: int, policy: RowCachePolicy,
-                 device: torch.device):
-        self.spec, self.capacity, self.device = spec, capacity, device
-        self.weights = torch.zeros(capacity, spec.dim, device=device)
-        self.state = torch.zeros(capacity, state_dim, device=device)
+    def __init__(self, spec: TableSpec, capacity: int, policy: RowCachePolicy,
+                 weights: torch.Tensor, state: torch.Tensor, dirty: torch.Tensor):
+        self.spec, self.capacity = spec, capacity
+        self.weights, self.state, self.dirty = weights, state, dirty
         self.slot_row = torch.full((capacity,), -1, dtype=torch.int64)
         self.row_to_slot = torch.full((spec.rows,), -1, dtype=torch.int32)
-        self.dirty = torch.zeros(capacity, dtype=torch.bool)
         self.policy = make_policy(policy, capacity)
 
     def clear(self) -> None:
@@ -150,13 +154,27 @@ class CachedEmbeddingBagCollection(nn.Module):
         self.store = store
         self.optimizer, self.learning_rate, self.eps = optimizer, learning_rate, eps
         self.device = torch.device(device)
+        capacities = [min(cache_rows if isinstance(cache_rows, int) else cache_rows[t.name], t.rows)
+                      for t in tables]
+        # The device tier: every table's slots in one fused buffer (slot s of table t is row
+        # s of the tier's "table" t), trained by the same row-wise update. Not a submodule:
+        # its buffers are cache contents, checkpointed through the row store (flush), not
+        # through state_dict().
+        tier = FusedEmbeddingBagCollection(
+            [TableSpec(t.name, c, t.dim) for t, c in zip(tables, capacities)],
+            optimizer=SparseOptimizerSpec(SparseOptimizerKind(optimizer.value), learning_rate, eps),
+            device=self.device)
+        object.__setattr__(self, "_tier", tier)
+        self._dirty = torch.zeros(tier.total_rows, dtype=torch.bool)
         self._caches: dict[str, _TableCache] = {}
-        for t in tables:
-            capacity = cache_rows if isinstance(cache_rows, int) else cache_rows[t.name]
-            self._caches[t.name] = _TableCache(t, state_dim, min(capacity, t.rows), policy, self.device)
+        for t, capacity, start in zip(tables, capacities, tier.table_starts):
+            end = start + capacity
+            state = (tier.state_sum[start:end].unsqueeze(1) if state_dim else
+                     torch.zeros(capacity, 0, device=self.device))
+            self._caches[t.name] = _TableCache(t, capacity, policy, tier.weights[start:end], state,
+                                               self._dirty[start:end])
         self._prefetcher = RowPrefetcher() if prefetch else None
         self._prefetched: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         # Evicted dirty rows not yet in the store: (table, rows, weights, state) on the host.
         self._deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self._bound = False
@@ -167,53 +185,40 @@ class CachedEmbeddingBagCollection(nn.Module):
     # ------------------------------------------------------------------ training interface
     def forward(self, sparse: dict[str, Jagged]) -> torch.Tensor:
         self._bind()
-        if any(leaf.grad is not None for _, _, leaf in self._pending):
+        if self._tier.pending_gradient is not None:
             raise TrainerError("forward() called again before sparse_step() applied the previous "
                                "batch's embedding gradients; call embeddings.sparse_step() after backward()")
-        self._pending = []
         self._tick += 1
         step = RowCacheStats()
         started = time.perf_counter()
         prefetched = self._take_prefetch()
         self._write_deferred()
         step.store_wait_s += time.perf_counter() - started
-        track = torch.is_grad_enabled()
-        pooled = []
+        by_slot = {}
         for name in self.feature_names:
             j = sparse[name]
             uniq, inverse = torch.unique(j.values.to("cpu", torch.int64), return_inverse=True)
             slots = self._ensure(name, uniq, None if prefetched is None else prefetched.get(name), step)
-            slots_dev = slots.to(self.device)
-            rows = self._caches[name].weights.index_select(0, slots_dev)
-            if track:
-                rows.requires_grad_(True)
-                self._pending.append((name, slots_dev, rows))
-            weights = None if j.weights is None else j.weights.to(self.device)
-            pooled.append(F.embedding_bag(inverse.to(self.device), rows, j.offsets[:-1].to(self.device),
-                                          mode="sum", per_sample_weights=weights))
+            # Each lookup's slot, beside the feature's own offsets and weights.
+            by_slot[name] = Jagged(slots.index_select(0, inverse).to(j.offsets.device, non_blocking=True),
+                                   j.offsets, j.weights)
         if self._prefetcher is None:
             started = time.perf_counter()
             self._write_deferred()
             step.store_wait_s += time.perf_counter() - started
         self.last_step = step
         self.stats.add(step)
-        return torch.stack(pooled, dim=1)
+        return self._tier(by_slot)
 
     @torch.no_grad()
     def sparse_step(self) -> None:
-        """Apply the row-wise optimizer to the rows of the last ``forward`` from their
-        gradients (rows without a gradient are left alone); marks them dirty."""
-        for name, slots, leaf in self._pending:
-            if leaf.grad is None:
-                continue
-            cache = self._caches[name]
-            # The leaf is this module's own gathered copy: update it in place.
-            weights, state = leaf.detach(), cache.state.index_select(0, slots)
-            apply_row_update_(self.optimizer, weights, state, leaf.grad, self.learning_rate, self.eps)
-            cache.weights.index_copy_(0, slots, weights)
-            cache.state.index_copy_(0, slots, state)
-            cache.dirty.index_fill_(0, slots.cpu(), True)
-        self._pending = []
+        """Apply the row-wise optimizer to the slots the last ``forward`` looked up, from
+        their gradients (none pending: a no-op); marks them dirty."""
+        pending = self._tier.pending_gradient
+        if pending is None:
+            return
+        self._tier.sparse_step()
+        self._dirty.index_fill_(0, pending[0].cpu(), True)
 
     def prefetch(self, next_sparse: dict[str, Jagged]) -> None:
         """Start reading the rows of ``next_sparse`` that are not cached, in the background.
@@ -254,8 +259,7 @@ class CachedEmbeddingBagCollection(nn.Module):
     def checkpoint_state(self) -> dict:
         """What a checkpoint must hold to restore these tables: the store and its version.
         Call ``flush()`` first; raises TrainerError when rows changed since."""
-        unapplied = any(leaf.grad is not None for _, _, leaf in self._pending)
-        if unapplied or any(bool(c.dirty.any()) for c in self._caches.values()):
+        if self._tier.pending_gradient is not None or bool(self._dirty.any()):
             raise TrainerError("cached embeddings changed since the last flush(); call "
                                "embeddings.flush() right before checkpoint_state()")
         return {"format": _STATE_FORMAT, "store_id": self.store.store_id,
@@ -274,7 +278,7 @@ class CachedEmbeddingBagCollection(nn.Module):
         if self._prefetcher is not None:
             self._prefetcher.discard()
         self._prefetched = None
-        self._pending = []
+        self._tier.discard_gradients()
         self._deferred = []  # rows changed after the checkpoint: dropped with the rollback
         self.store.restore(int(state["version"]))
         for cache in self._caches.values():

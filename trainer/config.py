@@ -113,6 +113,9 @@ class TrainerConfig:
     # torch intra-op threads for the trainer; 0 = torch's default (all cores). serve runs
     # the pipeline beside the trainer, and oversubscribed cores slow steps ~10x (measured).
     threads: int = 0
+    # Following the cache, train a partial batch once its first row has waited this long
+    # (the cut is recorded in the cache, so resume stays exact); 0 = cut only full batches.
+    max_batch_wait_ms: int = 0
 
     def __post_init__(self):
         if self.embedding_dim < 1:
@@ -132,6 +135,9 @@ class TrainerConfig:
             raise ValueError("threads must be >= 0 (0 = torch default)")
         if self.checkpoint_every_batches < 1:
             raise ValueError("checkpoint_every_batches must be >= 1")
+        if self.max_batch_wait_ms < 0:
+            raise ValueError(f"max_batch_wait_ms must be >= 0 (0 = train full batches only), "
+                             f"got {self.max_batch_wait_ms}")
 
     @property
     def sparse_optimizer_kind(self) -> SparseOptimizerKind:

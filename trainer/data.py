@@ -19,15 +19,24 @@ Cursor: ``Cursor(seq, row)`` names the next unread row, row ``row`` of cached ba
 ``row`` may equal that batch's row count (the batch is fully read). Every ``TrainItem``
 carries the cursor *after* its rows; resuming at that cursor yields exactly the batches an
 uninterrupted run would have yielded next, provided batch boundaries are the same — they are,
-because a batch is cut only when full, at a mapping-version change, or at the end of a bounded
-stream (never on a timer). In follow mode a partly filled batch waits for more rows; when the
-stream is stopped it is dropped (its rows stay unread and are read again on resume).
+because a batch is cut only when full, at a mapping-version change, at the end of a bounded
+stream, or at a *recorded* cut. In follow mode a partly filled batch waits for more rows; when
+the stream is stopped it is dropped (its rows stay unread and are read again on resume).
+
+Timed cuts (``[trainer] max_batch_wait_ms``, ``TimedCuts``): following the cache, a partial
+batch whose first row has waited that long is cut where the rows end. The decision depends on
+the clock, so before the item is handed out the cut is recorded durably in the cache
+(``BatchCache.record_train_cut``); every later reading with timed cuts on (a resume, a replay
+from scratch, a bounded ``train``) cuts at the recorded cursors too, so batch boundaries — and
+with them the trained parameters — are the same as in the run that made the cuts.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -38,10 +47,11 @@ from torchdata.nodes import BaseNode, Loader, Prefetcher
 from trainer.batch import Jagged, TrainBatch
 from trainer.config import TrainSpec
 from trainer.errors import TrainerError
+from transforms.elements import EVENT_TIME_COLUMN
 
 __all__ = [
     "Cursor", "CachedBatchLike", "BatchLayout", "Piece", "TrainItem", "BatchBuilder",
-    "assemble", "rebatch", "TrainingStream", "OpenBatches",
+    "assemble", "rebatch", "TrainingStream", "OpenBatches", "CutLog", "TimedCuts", "WAIT_EXPIRED",
 ]
 
 
@@ -111,6 +121,9 @@ class TrainItem:
     # Cached batches retention deleted before this reader got to them (rows never delivered),
     # counted since the previous item.
     skipped_batches: int = 0
+    # Event time (ms since the epoch) of each row, host memory; None when a cached batch had
+    # no ``_event_time_ms`` column. For freshness (trainer.live_metrics), not for training.
+    event_time_ms: np.ndarray | None = None
 
     @property
     def mapping_version(self) -> int:
@@ -198,6 +211,7 @@ class BatchBuilder:
         self._dense = _empty((capacity, len(layout.dense)), torch.float32, pin_memory)
         self._single: dict[str, torch.Tensor] = {}
         self._multi: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._event_ms: np.ndarray | None = np.empty(capacity, np.int64)
 
     def add(self, cached: CachedBatchLike, start: int, stop: int) -> None:
         """Copy rows ``[start, stop)`` of ``cached`` (same mapping version as earlier pieces)."""
@@ -240,7 +254,18 @@ class BatchBuilder:
                 parts, cnts = self._multi.setdefault(name, ([], []))
                 parts.append(vals.copy())
                 cnts.append(np.ones(n, np.int64) if counts is None else counts.astype(np.int64))
+        if self._event_ms is not None:
+            idx = cached.batch.schema.get_field_index(EVENT_TIME_COLUMN)
+            col = cached.batch.column(idx) if idx >= 0 else None
+            if col is None or col.null_count or not pa.types.is_integer(col.type):
+                self._event_ms = None  # freshness is optional: no event times, no freshness
+            else:
+                self._event_ms[at:end] = col.to_numpy(zero_copy_only=False)[start:stop]
         self.rows = end
+
+    def event_times_ms(self) -> np.ndarray | None:
+        """Event times of the rows added so far (a view), or None if a piece had none."""
+        return None if self._event_ms is None else self._event_ms[:self.rows]
 
     def finish(self) -> TrainBatch:
         """The batch of the rows added so far (views of the preallocated tensors)."""
@@ -275,14 +300,69 @@ def assemble(pieces: Sequence[Piece], layout: BatchLayout, *, pin_memory: bool =
     return builder.finish()
 
 
+class CutLog(Protocol):
+    """Where training cuts are recorded (``storage.batch_cache.BatchCache`` is one)."""
+
+    def train_cuts(self, start_seq: int = 0) -> list[tuple[int, int]]: ...
+
+    def record_train_cut(self, seq: int, row: int) -> None: ...
+
+
+class _WaitExpired:
+    def __repr__(self) -> str:
+        return "WAIT_EXPIRED"
+
+
+#: Yielded by a ``rebatch`` source in place of a cached batch: nothing new arrived and the
+#: pending rows' wait (``TimedCuts.max_wait_ms``) is over, so cut them now.
+WAIT_EXPIRED = _WaitExpired()
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedCuts:
+    """``[trainer] max_batch_wait_ms``: cut a partial batch once its first row has waited
+    ``max_wait_ms`` (0: make no new cuts, only honour the recorded ones: a bounded read),
+    recording each cut in ``log`` before handing the batch out. ``clock`` in seconds."""
+
+    log: CutLog
+    max_wait_ms: int
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def for_trainer(cls, max_batch_wait_ms: int, log: CutLog, *, follow: bool) -> "TimedCuts | None":
+        """The trainer's setting: None when off (recorded cuts are then ignored: today's
+        full batches), new cuts only when following."""
+        if max_batch_wait_ms <= 0:
+            return None
+        return cls(log, max_batch_wait_ms if follow else 0)
+
+
+class _WaitTimer:
+    """When the pending batch's first row arrived, and whether its wait is over."""
+
+    def __init__(self, max_wait_ms: int, clock: Callable[[], float]):
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.clock = clock
+        self.since: float | None = None
+
+    def expired(self) -> bool:
+        return self.max_wait_s > 0 and self.since is not None and self.clock() - self.since >= self.max_wait_s
+
+
 def rebatch(cached: Iterable[CachedBatchLike], layout: BatchLayout, batch_size: int, *,
             start: Cursor = Cursor(), pin_memory: bool = False,
-            flush_at_end: Callable[[], bool] = lambda: True) -> Iterator[TrainItem]:
+            flush_at_end: Callable[[], bool] = lambda: True,
+            cuts: Sequence[Cursor] = (), timer: _WaitTimer | None = None,
+            record_cut: Callable[[Cursor], None] | None = None) -> Iterator[TrainItem]:
     """Cut ``cached`` (in seq order) into ``TrainItem``s of ``batch_size`` rows, starting at
     ``start``. Batches with ``seq < start.seq`` are skipped; batch ``start.seq`` is read from
-    row ``start.row``. A mapping-version change ends the pending batch early. When ``cached``
-    is exhausted the pending partial batch is yielded if ``flush_at_end()`` is true (a bounded
-    stream's tail) and dropped otherwise (a stopped follow stream; the rows stay unread).
+    row ``start.row``. A mapping-version change ends the pending batch early, and so does each
+    cursor of ``cuts`` (recorded cuts, in order). When ``cached`` is exhausted the pending
+    partial batch is yielded if ``flush_at_end()`` is true (a bounded stream's tail) and
+    dropped otherwise (a stopped follow stream; the rows stay unread).
+
+    Timed cuts: ``timer.since`` is set when the first row of a batch is added; a
+    ``WAIT_EXPIRED`` from ``cached`` cuts the pending rows, after ``record_cut(cursor)``.
 
     Each cached batch is fully copied out before the next one is requested, so the source
     may hand out zero-copy batches that die when it advances."""
@@ -291,16 +371,35 @@ def rebatch(cached: Iterable[CachedBatchLike], layout: BatchLayout, batch_size: 
     builder = BatchBuilder(layout, batch_size, pin_memory=pin_memory)
     cursor = start
     skipped = 0
+    pending_cuts = collections.deque(sorted(c for c in cuts if c > start))
 
     def emit() -> TrainItem:
         nonlocal builder, skipped
-        item = TrainItem(builder.finish(), cursor, builder.first_seq, builder.last_seq, skipped)
+        item = TrainItem(builder.finish(), cursor, builder.first_seq, builder.last_seq, skipped,
+                         builder.event_times_ms())
         builder = BatchBuilder(layout, batch_size, pin_memory=pin_memory)
         skipped = 0
+        if timer is not None:
+            timer.since = None
         return item
+
+    def cut_here() -> bool:
+        """Whether a recorded cut ends the pending batch at ``cursor`` (drops passed cuts)."""
+        while pending_cuts and pending_cuts[0] < cursor:
+            pending_cuts.popleft()
+        if pending_cuts and pending_cuts[0] == cursor:
+            pending_cuts.popleft()
+            return builder.rows > 0
+        return False
 
     last_seq: int | None = None
     for cb in cached:
+        if cb is WAIT_EXPIRED:
+            if builder.rows:
+                if record_cut is not None:
+                    record_cut(cursor)
+                yield emit()
+            continue
         seq = int(cb.seq)
         if last_seq is not None and seq <= last_seq:
             raise TrainerError(f"cached batches out of order: seq {seq} after {last_seq}")
@@ -319,14 +418,22 @@ def rebatch(cached: Iterable[CachedBatchLike], layout: BatchLayout, batch_size: 
             yield emit()
         while row < num_rows:
             take = min(batch_size - builder.rows, num_rows - row)
+            while pending_cuts and pending_cuts[0] <= Cursor(seq, row):
+                pending_cuts.popleft()
+            if pending_cuts and pending_cuts[0].seq == seq:
+                take = min(take, pending_cuts[0].row - row)
+            if timer is not None and builder.rows == 0:
+                timer.since = timer.clock()
             builder.add(cb, row, row + take)
             row += take
             cursor = Cursor(seq, row)
-            if builder.rows == batch_size:
+            if builder.rows == batch_size or cut_here():
                 yield emit()
         # With nothing pending the cursor moves past this batch silently; the next item
         # reports it.
         cursor = Cursor(seq, num_rows)
+        if cut_here():
+            yield emit()
     if builder.rows and flush_at_end():
         yield emit()
 
@@ -345,7 +452,8 @@ class _CursorNode(BaseNode[TrainItem]):
     """A ``torchdata.nodes`` source node; its state is the cursor after the last item."""
 
     def __init__(self, open_batches: OpenBatches, layout: BatchLayout, batch_size: int,
-                 start: Cursor, pin_memory: bool, stop: Callable[[], bool]):
+                 start: Cursor, pin_memory: bool, stop: Callable[[], bool],
+                 timed_cuts: TimedCuts | None = None):
         super().__init__()
         self._open = open_batches
         self._layout = layout
@@ -353,15 +461,38 @@ class _CursorNode(BaseNode[TrainItem]):
         self._start = start
         self._pin = pin_memory
         self._stop = stop
+        self._timed = timed_cuts
         self._it: Iterator[TrainItem] | None = None
         self._cursor = start
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
         self._cursor = Cursor.from_dict(initial_state) if initial_state else self._start
-        source = self._open(self._cursor.seq, self._stop)
-        self._it = rebatch(source, self._layout, self._batch_size, start=self._cursor,
-                           pin_memory=self._pin, flush_at_end=lambda: not self._stop())
+        def flush() -> bool:
+            return not self._stop()
+
+        if self._timed is None:
+            source = self._open(self._cursor.seq, self._stop)
+            self._it = rebatch(source, self._layout, self._batch_size, start=self._cursor,
+                               pin_memory=self._pin, flush_at_end=flush)
+            return
+        timer = _WaitTimer(self._timed.max_wait_ms, self._timed.clock)
+        cuts = [Cursor(seq, row) for seq, row in self._timed.log.train_cuts(self._cursor.seq)]
+        self._it = rebatch(self._timed_source(self._cursor.seq, timer), self._layout, self._batch_size,
+                           start=self._cursor, pin_memory=self._pin, flush_at_end=flush, cuts=cuts,
+                           timer=timer, record_cut=lambda c: self._timed.log.record_train_cut(c.seq, c.row))
+
+    def _timed_source(self, start_seq: int, timer: _WaitTimer) -> Iterator[Any]:
+        """The cached batches from ``start_seq``, with ``WAIT_EXPIRED`` whenever the pending
+        rows' wait ends first (the source is closed then and reopened after the cut)."""
+        seq = start_seq
+        while True:
+            for cb in self._open(seq, lambda: self._stop() or timer.expired()):
+                seq = int(cb.seq) + 1
+                yield cb
+            if self._stop() or not timer.expired():
+                return  # stopped, or a bounded source ended
+            yield WAIT_EXPIRED
 
     def next(self) -> "TrainItem | _Failure":
         try:
@@ -381,7 +512,8 @@ class _CursorNode(BaseNode[TrainItem]):
 
 class TrainingStream:
     """Iterate ``TrainItem``s from ``start``, converted ``prefetch_batches`` ahead on a
-    background thread (synchronously when 0).
+    background thread (synchronously when 0). ``timed_cuts``: see ``TimedCuts`` (None: cut
+    full batches only).
 
     ``state_dict()`` is the cursor after the last item handed out (not after the prefetched
     ones), so it can be checkpointed at any point between items. ``close()`` stops the
@@ -391,13 +523,14 @@ class TrainingStream:
 
     def __init__(self, open_batches: OpenBatches, layout: BatchLayout, batch_size: int, *,
                  start: Cursor = Cursor(), prefetch_batches: int = 4, pin_memory: bool = False,
-                 stop: Callable[[], bool] | None = None):
+                 stop: Callable[[], bool] | None = None, timed_cuts: TimedCuts | None = None):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
         self._closed = threading.Event()
         user_stop = stop or (lambda: False)
         self._stop = lambda: self._closed.is_set() or user_stop()
-        self._node = _CursorNode(open_batches, layout, batch_size, start, pin_memory, self._stop)
+        self._timed = timed_cuts
+        self._node = _CursorNode(open_batches, layout, batch_size, start, pin_memory, self._stop, timed_cuts)
         root: BaseNode[TrainItem] = self._node
         if prefetch_batches:
             root = Prefetcher(root, prefetch_factor=prefetch_batches)
@@ -425,6 +558,12 @@ class TrainingStream:
     @property
     def cursor(self) -> Cursor:
         return self._cursor
+
+    @property
+    def look_ahead_ok(self) -> bool:
+        """False while batches are cut on a timer: a consumer that reads one item ahead
+        before training the current one would hold a cut batch until the next is cut."""
+        return self._timed is None or self._timed.max_wait_ms <= 0
 
     def close(self) -> None:
         """Stop the background reader (idempotent)."""

@@ -85,10 +85,17 @@ class DistributedTrainer(ContinuousTrainer):
 
 
 def require_sharding_for(cfg: TrainSpec, world_size: int) -> None:
-    """A multi-rank job trains sharded embeddings; say so clearly when the config does not."""
+    """A multi-rank job trains sharded embeddings, and cuts full batches only; say so clearly
+    when the config does not."""
     if world_size > 1 and not cfg.sharding.enabled:
         raise TrainerConfigError(
             f"headrace train runs under torchrun with {world_size} ranks, which trains sharded "
             "embeddings: set [sharding] enabled = true in the config (see `headrace plan -c CONFIG "
             f"--world-size {world_size}` for the layout), or run one plain process"
+        )
+    if world_size > 1 and cfg.trainer.max_batch_wait_ms > 0:
+        raise TrainerConfigError(
+            f"[trainer] max_batch_wait_ms = {cfg.trainer.max_batch_wait_ms} cuts partial batches by one "
+            f"process's clock, but the {world_size} ranks of a torchrun job must cut every batch alike: "
+            "set it to 0 for a multi-rank job (serve's single trainer process supports it)"
         )

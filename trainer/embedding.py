@@ -128,10 +128,13 @@ def init_rows(table: TableSpec, rows: torch.Tensor, seed: int) -> torch.Tensor:
     [-1/sqrt(rows), 1/sqrt(rows)] from a counter-based hash of (seed, table, row, column).
 
     Any placement (plain, sharded, cached, lazily materialised on SSD) calls this, so a row
-    has the same initial value wherever and whenever it is first created.
+    has the same initial value wherever and whenever it is first created. The result lies on
+    ``rows``' device and is bitwise the same on every device (integer hashing, then exact or
+    correctly rounded fp32 ops; tests/trainer checks CUDA against the CPU), so large tables
+    can be initialised on the GPU.
     """
     rows = rows.to(torch.int64)
-    cols = torch.arange(table.dim, dtype=torch.int64)
+    cols = torch.arange(table.dim, dtype=torch.int64, device=rows.device)
     name_salt = _stable_str_hash(table.name)
     x = (rows[:, None] * table.dim + cols[None, :]) ^ (seed * 0x9E3779B1 + name_salt)
     # splitmix64-style mixing in int64 arithmetic (wrapping), then keep 24 bits
@@ -139,7 +142,9 @@ def init_rows(table: TableSpec, rows: torch.Tensor, seed: int) -> torch.Tensor:
     x = x ^ (x >> 31)
     x = x * -4658895280553007687
     x = x ^ (x >> 29)
-    u = (x & 0xFFFFFF).to(torch.float32) / float(0xFFFFFF)
+    # A 0-dim tensor divisor on rows' device: CUDA divides by a host scalar as a multiply by
+    # its reciprocal (not correctly rounded); by a device tensor it divides as the CPU does.
+    u = (x & 0xFFFFFF).to(torch.float32) / torch.tensor(float(0xFFFFFF), device=rows.device)
     bound = 1.0 / max(table.rows, 1) ** 0.5
     return (u * 2.0 - 1.0) * bound
 

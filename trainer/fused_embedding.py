@@ -153,10 +153,13 @@ class FusedEmbeddingBagCollection(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.register_buffer("weights", torch.empty(self.total_rows, self.dim, dtype=embedding_dtype,
                                                     device=device))
+        # On the buffer's device: init_rows is bitwise the same there, and a GPU hashes tens
+        # of millions of rows in milliseconds where the host takes seconds.
         for t, start in zip(self.tables, self.table_starts):
             for lo in range(0, t.rows, _INIT_CHUNK_ROWS):
                 hi = min(t.rows, lo + _INIT_CHUNK_ROWS)
-                self.weights[start + lo:start + hi].copy_(init_rows(t, torch.arange(lo, hi), self.seed))
+                self.weights[start + lo:start + hi].copy_(
+                    init_rows(t, torch.arange(lo, hi, device=device), self.seed))
         self._state_names = []
         for name, tensor in init_state(self.optimizer.kind, self.total_rows, self.dim, device).items():
             self.register_buffer(name, tensor)

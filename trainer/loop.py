@@ -52,10 +52,11 @@ from storage.batch_cache import BatchCache
 from trainer.batch import TrainBatch
 from trainer.checkpoint import LoadedCheckpoint
 from trainer.config import Precision, TrainSpec
-from trainer.data import BatchLayout, Cursor, TrainingStream, TrainItem
+from trainer.data import BatchLayout, Cursor, TimedCuts, TrainingStream, TrainItem
 from trainer.device import resolve_device
 from trainer.errors import TrainerError
 from trainer.embedding import capabilities_of
+from trainer.live_metrics import LiveMetrics
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import DLRM, fused_embeddings_from_config
 from trainer.step_strategy import LocalStep, StepStrategy
@@ -83,8 +84,10 @@ class ContinuousTrainer:
     ``run()`` blocks until the cache is exhausted (``follow=False``), ``stop`` turns true, or
     ``max_batches`` batches were trained in this run; it returns a summary dict
     (``trained_samples``, ``auc``, ``logloss``, ``samples_per_s``, ... see ``run``).
-    ``on_progress(dict)`` is called every ``progress_every_batches`` batches from the training
-    thread. ``run`` may be called once per instance.
+    ``on_progress(dict)`` is called every ``progress_every_batches`` batches, or, when
+    ``progress_every_s`` is given, after the first batch and after the first batch that ends
+    that many seconds after the previous report, from the training thread. ``live_metrics=False`` skips the step-time and freshness numbers of
+    ``trainer.live_metrics`` (kept by default). ``run`` may be called once per instance.
     """
 
     def __init__(self, cfg: TrainSpec, cache_path: str | os.PathLike[str] | None = None, *,
@@ -98,7 +101,9 @@ class ContinuousTrainer:
                  max_batches: int | None = None,
                  keep_checkpoints: int = 3,
                  poll_interval_s: float = 0.05,
-                 strategy: StepStrategy | None = None):
+                 strategy: StepStrategy | None = None,
+                 progress_every_s: float | None = None,
+                 live_metrics: bool = True):
         if progress_every_batches < 1:
             raise ValueError(f"progress_every_batches must be >= 1, got {progress_every_batches}")
         if max_batches is not None and max_batches < 0:
@@ -114,6 +119,7 @@ class ContinuousTrainer:
         self.on_progress = on_progress
         self.on_mapping_change = on_mapping_change
         self.progress_every_batches = progress_every_batches
+        self.progress_every_s = progress_every_s
         self.max_batches = max_batches
         self.poll_interval_s = poll_interval_s
 
@@ -133,6 +139,7 @@ class ContinuousTrainer:
         self.optimizer = build_optimizer(t.dense_optimizer_kind, self.model.parameters(), t.dense_lr)
         self.autocast_dtype = _configure_precision(t.precision, self.device)
         self.metrics = ProgressiveMetrics(cfg.trainer.metrics_window)
+        self.live = LiveMetrics(cfg.trainer.metrics_window if live_metrics else None)
         self.strategy: StepStrategy = strategy if strategy is not None else LocalStep()
         self.caps = capabilities_of(self.model.embeddings)
         self.checkpoints = self.strategy.checkpoint_manager(cfg, keep_checkpoints)
@@ -282,6 +289,7 @@ class ContinuousTrainer:
             open_batches, BatchLayout.from_config(self.cfg), self.cfg.trainer.batch_size,
             start=self.cursor, prefetch_batches=self.cfg.trainer.prefetch_batches,
             pin_memory=self.device.type == "cuda", stop=stop,
+            timed_cuts=TimedCuts.for_trainer(self.cfg.trainer.max_batch_wait_ms, cache, follow=self.follow),
         )
         # On CPU the per-batch sync is free; on CUDA, scores and losses are pulled to the host
         # only every progress interval so the device queue is not drained each step.
@@ -313,7 +321,7 @@ class ContinuousTrainer:
         t0 = time.perf_counter()
         last_progress_t, last_progress_samples = t0, 0
         it = iter(stream)
-        look_ahead = self.strategy.look_ahead(self.caps)
+        look_ahead = self.strategy.look_ahead(self.caps) and stream.look_ahead_ok
 
         def fetch() -> tuple[TrainItem, TrainBatch | None] | None:
             nonlocal data_wait_s
@@ -358,7 +366,9 @@ class ContinuousTrainer:
                 # No prefetch across a mapping change: the hook may move rows in between.
                 ahead = upcoming[1] if upcoming is not None and \
                     upcoming[0].mapping_version == version else None
+                step_t0 = time.perf_counter()
                 logits, loss = self._train_step(batch, ahead, n)
+                self.live.observe_step(time.perf_counter() - step_t0, item.event_time_ms, time.time())
                 pending.append((item, logits, loss))
                 self.mapping_version = version
                 self.cursor = item.cursor
@@ -374,8 +384,11 @@ class ContinuousTrainer:
                     last_checkpoint = self._save(cache, background=self.cfg.trainer.checkpoint_background)
                     since_save = 0
                 self._register_durable(cache, self.checkpoints.completed())
-                if self.on_progress is not None and self.is_main and \
-                        run_batches % self.progress_every_batches == 0:
+                if self.on_progress is not None and self.is_main and (
+                        run_batches % self.progress_every_batches == 0 or (
+                            self.progress_every_s is not None and (
+                                run_batches == 1
+                                or time.perf_counter() - last_progress_t >= self.progress_every_s))):
                     drain()
                     now = time.perf_counter()
                     self.on_progress(self._progress(
@@ -423,6 +436,7 @@ class ContinuousTrainer:
             "cursor": self.cursor.to_dict(),
             "mapping_version": self.mapping_version,
             **summary,
+            **self.live.summary(),
         }
 
 

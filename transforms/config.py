@@ -143,7 +143,6 @@ class SchemaConfig:
     def _check_derive(self) -> None:
         order = list(self.derive)
         by_name = {s.name: s for s in self.sparse}
-        dense = {d.name for d in self.dense}
         for i, (name, text) in enumerate(self.derive.items()):
             where = f"derive.{name}"
             if not isinstance(name, str) or not _DERIVED_NAME.match(name):
@@ -170,8 +169,6 @@ class SchemaConfig:
             if s is not None and (s.type is not SparseType.INT or s.multi):
                 raise ValueError(f"{where}: sparse feature {name!r} is derived (a number), so declare it "
                                  "single-valued with type = \"int\" (values are rounded down to integers)")
-            if name in dense or name == self.label or name == self.event_time:
-                continue
 
     def _check_crosses(self) -> None:
         by_name = {s.name: (i, s) for i, s in enumerate(self.sparse)}
@@ -187,6 +184,10 @@ class SchemaConfig:
                 if j >= i:
                     raise ValueError(f"sparse feature {s.name!r} crosses {f!r}, which is declared after it; "
                                      "declare crossed features first")
+
+    def __hash__(self) -> int:
+        return hash((self.format, self.label, self.dense, self.sparse, self.event_time, self.columns,
+                     self.csv_header, tuple(self.derive.items()), self.cross, self.cross_rows))
 
     @property
     def raw_fields(self) -> tuple[str, ...]:

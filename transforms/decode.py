@@ -1,14 +1,19 @@
 """Decode + validate: raw payloads -> typed columns of the good rows, plus dead letters.
 
 ``DecodePlan`` lists every field an event must yield (label, dense, sparse, the event-time
-field, fields the filter reads) with the Arrow type it is parsed as. The format decoders
-(``decode_json``, ``decode_tsv``) return a ``Decoded``: raw-typed columns of the rows they
-could parse (nulls where a field is missing) and ``Rejects`` for the rest;
-``validate`` then applies the format-independent checks, vectorised.
+field, fields the filter or a derived expression reads) with the Arrow type it is parsed
+as, and where it comes from (``FieldSource``): read from the event, derived from other
+fields (``[schema] derive``, ``transforms.derive``) or a hashed cross of sparse ids. The
+format decoders (``decode_json``, ``decode_tsv``, ``decode_csv``) get ``plan.raw`` (only
+the fields read from the event; its ``label``/``event_time`` are "" when those are
+derived) and return a ``Decoded``: raw-typed columns of the rows they could parse (nulls
+where a field is missing) and ``Rejects`` for the rest; ``derive`` adds the derived
+columns and ``validate`` then applies the format-independent checks, vectorised.
 
-Raw types: label, dense and numeric filter fields float64; string sparse and string or
-presence-only filter fields string; int sparse and the event time int64; multi-valued
-sparse features list<string|int64>.
+Raw types: label, dense, numeric filter fields and expression inputs float64; string
+sparse and string or presence-only filter fields string; int sparse and the event time
+int64; multi-valued sparse features list<string|int64>. Derived fields: float64, or int64
+(rounded down) when they are an int sparse feature or the event time; crosses: int64 ids.
 
 Rules (one reason per dead letter; the first that applies, in this order):
 
@@ -21,6 +26,8 @@ not_utf8            bytes are not valid UTF-8                               deco
 malformed_json      not one JSON document (incl. NaN/Infinity literals)     decode
 not_an_object       JSON but not an object                                  decode
 bad_tsv_row         TSV line with the wrong number of tab-separated columns decode
+bad_csv_row         CSV record: unbalanced or misplaced quote, a line break  decode
+                    outside quotes, or the wrong number of fields
 missing_label       label missing or null (TSV: empty)                      validate
 bad_label           label not a number, or outside [0, 1] (NaN too)         validate
 wrong_type          a field's value has the wrong type (JSON type; TSV int   validate
@@ -29,6 +36,8 @@ bad_event_time      event-time field not an int64 >= 0                      vali
 non_finite          dense value (after float32 cast) NaN/inf, unless         validate
                     ``allow_nan``; a JSON number overflowing double
 too_many_values     multi-valued list longer than ``max_values``            validate
+wrong_type /        a derived int sparse feature / event time that is not   validate
+bad_event_time      finite or outside int64 after rounding down
 ==================  ======================================================  =========
 
 Missing or null values are not errors: dense -> ``default``; sparse single ->
@@ -50,10 +59,11 @@ import pyarrow.compute as pc
 from transforms.config import EventFormat, SchemaConfig, SparseType
 from transforms.elements import Reason, Stage
 from transforms.errors import TransformConfigError
+from transforms.expressions import Expression, parse_expression
 from transforms.filters import FilterPlan, LiteralKind
 
 __all__ = [
-    "FieldRole", "FieldSpec", "DecodePlan", "Rejects", "Decoded", "validate", "VALIDATE_REASONS",
+    "FieldRole", "FieldSource", "FieldSpec", "DecodePlan", "Rejects", "Decoded", "validate", "VALIDATE_REASONS",
     "scan_rows", "join_rows", "raw_buffers",
 ]
 
@@ -64,6 +74,13 @@ class FieldRole(enum.Enum):
     SPARSE = "sparse"
     EVENT_TIME = "event_time"
     FILTER = "filter"
+    INPUT = "input"  # not a feature: read only by derived expressions (or derived and unused)
+
+
+class FieldSource(enum.Enum):
+    EVENT = "event"  # read from the event by the format decoder
+    DERIVED = "derived"  # computed from other fields by an expression (``expr``)
+    CROSS = "cross"  # id hashed from the ids of the sparse features ``cross``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +93,9 @@ class FieldSpec:
     default: float = 0.0
     allow_nan: bool = False
     log1p: bool = False
+    source: FieldSource = FieldSource.EVENT
+    expr: Expression | None = None  # DERIVED
+    cross: tuple[str, ...] = ()  # CROSS
 
 
 VALIDATE_REASONS = frozenset({
@@ -86,49 +106,98 @@ VALIDATE_REASONS = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """Every field to extract, in schema order (label, dense, sparse, event time, filter)."""
+    """Every field to extract, in schema order (label, dense, sparse, event time, filter,
+    expression inputs); ``derived`` names the derived fields in evaluation order."""
 
     format: EventFormat
     fields: tuple[FieldSpec, ...]
     label: str
     event_time: str
-    columns: tuple[str, ...]  # TSV column names
+    columns: tuple[str, ...]  # TSV/CSV column names (CSV: of records without a header)
     filter_fields: tuple[str, ...] = ()  # fields the filter reads
+    derived: tuple[str, ...] = ()
+    #: The plan of the fields read from the event (the format decoders' view); ``self``
+    #: when nothing is derived or crossed.
+    raw: "DecodePlan" = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if all(f.source is FieldSource.EVENT for f in self.fields):
+            object.__setattr__(self, "raw", self)
+            return
+        read = tuple(f for f in self.fields if f.source is FieldSource.EVENT)
+        names = {f.name for f in read}
+        object.__setattr__(self, "raw", DecodePlan(
+            self.format, read, self.label if self.label in names else "",
+            self.event_time if self.event_time in names else "", self.columns,
+            tuple(n for n in self.filter_fields if n in names)))
 
     @classmethod
     def build(cls, schema: SchemaConfig, filt: FilterPlan) -> "DecodePlan":
-        fields: list[FieldSpec] = [FieldSpec(schema.label, FieldRole.LABEL, pa.float64())]
+        derived = {name: parse_expression(text) for name, text in schema.derive.items()}
+
+        def spec(name: str, role: FieldRole, arrow_type: pa.DataType, **kw) -> FieldSpec:
+            if name in derived:
+                if role is FieldRole.SPARSE or role is FieldRole.EVENT_TIME:
+                    arrow_type = pa.int64()
+                return FieldSpec(name, role, arrow_type, source=FieldSource.DERIVED, expr=derived[name], **kw)
+            return FieldSpec(name, role, arrow_type, **kw)
+
+        fields: list[FieldSpec] = [spec(schema.label, FieldRole.LABEL, pa.float64())]
         for d in schema.dense:
-            fields.append(FieldSpec(d.name, FieldRole.DENSE, pa.float64(), default=d.default,
-                                    allow_nan=d.allow_nan, log1p=d.log1p))
+            fields.append(spec(d.name, FieldRole.DENSE, pa.float64(), default=d.default,
+                               allow_nan=d.allow_nan, log1p=d.log1p))
         for s in schema.sparse:
+            if s.cross:
+                fields.append(FieldSpec(s.name, FieldRole.SPARSE, pa.int64(), source=FieldSource.CROSS,
+                                        cross=s.cross))
+                continue
             t = pa.string() if s.type is SparseType.STRING else pa.int64()
-            fields.append(FieldSpec(s.name, FieldRole.SPARSE, pa.list_(t) if s.multi else t,
-                                    multi=s.multi, max_values=s.max_values))
+            fields.append(spec(s.name, FieldRole.SPARSE, pa.list_(t) if s.multi else t,
+                               multi=s.multi, max_values=s.max_values))
         known = {f.name for f in fields}
         if schema.event_time:
             if schema.event_time in known:
                 raise TransformConfigError(f"schema.event_time {schema.event_time!r} is also a feature; name a separate field")
-            fields.append(FieldSpec(schema.event_time, FieldRole.EVENT_TIME, pa.int64()))
+            fields.append(spec(schema.event_time, FieldRole.EVENT_TIME, pa.int64()))
             known.add(schema.event_time)
+        for name in derived:
+            if name not in known:
+                role = FieldRole.FILTER if name in filt.fields else FieldRole.INPUT
+                fields.append(spec(name, role, pa.float64()))
+                known.add(name)
         by_name = {f.name: f for f in fields}
+        for name, expr in derived.items():
+            for ref in expr.fields:
+                if ref not in by_name:
+                    _check_listed(schema, ref, f"derive.{name} reads field {ref!r}")
+                    by_name[ref] = FieldSpec(ref, FieldRole.INPUT, pa.float64())
+                    fields.append(by_name[ref])
+                elif by_name[ref].arrow_type == pa.string() or by_name[ref].multi:
+                    raise TransformConfigError(
+                        f"derive.{name} = {expr.text!r} reads {ref!r}, which is {by_name[ref].arrow_type}; "
+                        "expressions compute on numbers")
         for name in filt.fields:
             kind = filt.literal_kind(name)
             if name in by_name:
                 _check_filter_type(by_name[name], kind, filt)
                 continue
             t = pa.float64() if kind is LiteralKind.NUMBER else pa.string()
-            fields.append(FieldSpec(name, FieldRole.FILTER, t))
-            if schema.format is EventFormat.TSV and name not in schema.columns:
-                raise TransformConfigError(
-                    f"filter field {name!r} is not one of schema.columns {list(schema.columns)}; a TSV "
-                    "filter can only read listed columns"
-                )
-        return cls(schema.format, tuple(fields), schema.label, schema.event_time, schema.columns, filt.fields)
+            by_name[name] = FieldSpec(name, FieldRole.FILTER, t)
+            fields.append(by_name[name])
+            _check_listed(schema, name, f"filter field {name!r}")
+        return cls(schema.format, tuple(fields), schema.label, schema.event_time, schema.columns, filt.fields,
+                   tuple(derived))
 
     @property
     def arrow_schema(self) -> pa.Schema:
         return pa.schema([(f.name, f.arrow_type) for f in self.fields])
+
+
+def _check_listed(schema: SchemaConfig, name: str, what: str) -> None:
+    if schema.format in (EventFormat.TSV, EventFormat.CSV) and schema.columns and name not in schema.columns:
+        raise TransformConfigError(
+            f"{what} is not one of schema.columns {list(schema.columns)}; a {schema.format.value.upper()} "
+            "record can only yield listed columns: add it to columns")
 
 
 def _check_filter_type(f: FieldSpec, kind: LiteralKind | None, filt: FilterPlan) -> None:
@@ -218,9 +287,10 @@ def scan_rows(data, starts, ends):
 
 
 @numba.njit(cache=True, nogil=True)
-def join_rows(data, starts, ends):
-    """The rows' bytes, each followed by ``\\n``, with ``\\n``/``\\r`` inside a row replaced
-    by a space (JSON whitespace; the caller has checked such rows are valid JSON)."""
+def join_rows(data, starts, ends, blank_newlines=True):
+    """The rows' bytes, each followed by ``\\n``; with ``blank_newlines``, ``\\n``/``\\r``
+    inside a row are replaced by a space (JSON whitespace; the caller has checked such rows
+    are valid JSON), else kept (quoted CSV line breaks)."""
     total = 0
     for i in range(starts.shape[0]):
         total += ends[i] - starts[i] + 1
@@ -229,7 +299,7 @@ def join_rows(data, starts, ends):
     for i in range(starts.shape[0]):
         for k in range(starts[i], ends[i]):
             b = data[k]
-            out[p] = 32 if (b == 10 or b == 13) else b
+            out[p] = 32 if (blank_newlines and (b == 10 or b == 13)) else b
             p += 1
         out[p] = 10
         p += 1

@@ -115,11 +115,12 @@ def check_record(plan: DecodePlan, d: dict) -> tuple[Reason, str] | None:
     ``transforms.decode``: label (missing, type, range), field types, event-time type.
     Value checks that need no type error to be seen (finiteness, list length, negative
     event time) are left to ``decode.validate``. None when the record passes."""
-    label = d.get(plan.label)
-    if label is None:
-        return Reason.MISSING_LABEL, f"label field {plan.label!r} is missing or null"
-    if not (type(label) is int or type(label) is float) or not 0.0 <= label <= 1.0:
-        return Reason.BAD_LABEL, f"label {plan.label!r} = {_short(label)}; expected a number in [0, 1]"
+    if plan.label:  # "" when the label is derived (checked by validate)
+        label = d.get(plan.label)
+        if label is None:
+            return Reason.MISSING_LABEL, f"label field {plan.label!r} is missing or null"
+        if not (type(label) is int or type(label) is float) or not 0.0 <= label <= 1.0:
+            return Reason.BAD_LABEL, f"label {plan.label!r} = {_short(label)}; expected a number in [0, 1]"
     checks, et = _checks_cached(plan)
     for name, check in checks:
         v = d.get(name)

@@ -30,10 +30,11 @@ from transforms.decode import (
 )
 from transforms.elements import Reason
 
-__all__ = ["decode_tsv"]
+__all__ = ["decode_tsv", "trim_line_end", "read_text_columns", "typed_columns"]
 
 
-def _trim_line_end(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def trim_line_end(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``ends`` without one trailing ``\\n`` or ``\\r\\n`` per row."""
     ends = ends.copy()
     nonempty = ends > starts
     nl = nonempty & (data[np.maximum(ends - 1, 0)] == 10)
@@ -55,7 +56,7 @@ def decode_tsv(plan: DecodePlan, values: pa.Array, candidates: np.ndarray, rejec
     """Parse records ``values[candidates]`` (non-empty, size-checked) as TSV lines."""
     offsets, data = raw_buffers(values)
     starts = offsets[candidates]
-    ends = _trim_line_end(data, starts, offsets[candidates + 1])
+    ends = trim_line_end(data, starts, offsets[candidates + 1])
     tabs, flags = scan_rows(data, starts, ends)
     want_tabs = len(plan.columns) - 1
     ok = np.ones(len(candidates), dtype=bool)
@@ -80,35 +81,51 @@ def decode_tsv(plan: DecodePlan, values: pa.Array, candidates: np.ndarray, rejec
         return Decoded(cand, {f.name: pa.array([], type=f.arrow_type) for f in plan.fields})
     buf = join_rows(data, starts[ok], ends[ok])
     needed = [f.name for f in plan.fields]
+    text = read_text_columns(buf, list(plan.columns), needed, len(cand), pcsv.ParseOptions(
+        delimiter="\t", quote_char=False, escape_char=False, double_quote=False, newlines_in_values=False,
+        ignore_empty_lines=False))
+    return typed_columns(plan, text, cand, rejects)
+
+
+def read_text_columns(buf: np.ndarray, column_names: list[str], include: list[str], rows: int,
+                      parse_options: pcsv.ParseOptions) -> dict[str, pa.Array]:
+    """One vectorised ``pyarrow.csv`` parse of ``buf`` (rows checked beforehand to parse
+    one per line): columns ``include`` as strings, an empty field null."""
     table = pcsv.read_csv(
         pa.BufferReader(pa.py_buffer(buf)),
-        read_options=pcsv.ReadOptions(column_names=list(plan.columns), use_threads=False,
+        read_options=pcsv.ReadOptions(column_names=column_names, use_threads=False,
                                       block_size=max(1 << 20, len(buf) + 1)),
-        parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
-                                         double_quote=False, newlines_in_values=False, ignore_empty_lines=False),
+        parse_options=parse_options,
         convert_options=pcsv.ConvertOptions(
-            column_types={name: pa.string() for name in needed}, include_columns=needed,
+            column_types={name: pa.string() for name in include}, include_columns=include,
             null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True),
     )
-    if table.num_rows != len(cand):
-        raise AssertionError(f"TSV parse gave {table.num_rows} rows for {len(cand)} checked lines (a bug)")
+    if table.num_rows != rows:
+        raise AssertionError(f"delimited parse gave {table.num_rows} rows for {rows} checked records (a bug)")
+    return {name: table.column(name).combine_chunks() for name in include}
+
+
+def typed_columns(plan: DecodePlan, text: dict[str, pa.Array], cand: np.ndarray, rejects: Rejects) -> Decoded:
+    """Cast the string columns ``text`` (one per field of ``plan``) of rows ``cand`` to the
+    plan's types; a value that does not parse rejects its row (see the module docstring)."""
     bad = np.zeros(len(cand), dtype=bool)
     # a missing label outranks a type error: leave those rows to validate (missing_label)
-    label_missing = table.column(plan.label).combine_chunks().is_null().to_numpy(zero_copy_only=False)
+    label_missing = (text[plan.label].is_null().to_numpy(zero_copy_only=False) if plan.label
+                     else np.zeros(len(cand), dtype=bool))
     cols: dict[str, pa.Array] = {}
     for f in plan.fields:
-        text = table.column(f.name).combine_chunks()
+        col = text[f.name]
         if f.arrow_type == pa.string():
-            cols[f.name] = text
+            cols[f.name] = col
             continue
         try:
-            cols[f.name] = pc.cast(text, f.arrow_type)
+            cols[f.name] = pc.cast(col, f.arrow_type)
             continue
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         # rare path: find which values do not parse
         parsed = []
-        for j, v in enumerate(text.to_pylist()):
+        for j, v in enumerate(col.to_pylist()):
             if v is None:
                 parsed.append(None)
                 continue

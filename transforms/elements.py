@@ -51,6 +51,7 @@ class Reason(enum.Enum):
     TOO_MANY_VALUES = "too_many_values"
     BAD_EVENT_TIME = "bad_event_time"
     PLUGIN_ERROR = "plugin_error"
+    BAD_CSV_ROW = "bad_csv_row"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ Grammar of one ``where`` clause (all clauses are ANDed; no ``eval``)::
 
 Semantics (SQL-like): a comparison or ``in``/``not in`` on a missing (or null) field is
 false, so the event is filtered; ``present``/``missing`` test for a non-null value. Fields
-may be features or any other field of the raw event: those are decoded too and dropped by
-projection. A non-feature field's type comes from its literals: numbers -> float64,
+may be features, derived fields (``[schema] derive``: numbers) or any other field of the
+raw event: those are decoded too and dropped by projection. A non-feature field's type comes from its literals: numbers -> float64,
 strings -> string; a field used only with ``present``/``missing`` is read as a string. A
 value of another JSON type in such a field is a dead letter ``wrong_type``.
 

@@ -14,6 +14,8 @@ the data format: it is the same in every process, run and platform, and never ch
 * The uint64 result is returned as int64 (same bits).
 * A **missing** value (null) gets ``MISSING_ID`` (= 0). A present value hashes to 0 with
   probability 2**-64.
+* A **feature cross** of ids ``(a, b, ...)``: the string rule above over their int64
+  little-endian bytes concatenated (8 bytes per id); ``MISSING_ID`` when any id is.
 
 ``hash_bytes_value`` and ``hash_int_value`` are the plain-Python definitions; the kernels
 are checked against them.
@@ -26,13 +28,15 @@ Example:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numba
 import numpy as np
 import pyarrow as pa
 
 __all__ = [
     "MISSING_ID", "hash_strings", "hash_ints", "hash_binary_buffers", "hash_bytes_value",
-    "hash_int_value", "unit_interval",
+    "hash_int_value", "unit_interval", "hash_cross", "hash_cross_value",
 ]
 
 #: Id of a missing (null) sparse value.
@@ -172,6 +176,24 @@ def hash_ints(arr: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
     values = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset: arr.offset + len(arr)]
     validity, has_validity = _validity(arr)
     return _hash_int_kernel(values, validity, arr.offset, has_validity)
+
+
+def hash_cross_value(ids: Sequence[int]) -> int:
+    """Reference definition of the id of the cross of ``ids`` (int64 each), as int64."""
+    if any(i == MISSING_ID for i in ids):
+        return MISSING_ID
+    return hash_bytes_value(b"".join(int(i).to_bytes(8, "little", signed=True) for i in ids))
+
+
+def hash_cross(ids: Sequence[np.ndarray]) -> np.ndarray:
+    """Ids (int64) of the row-wise crosses of two or more equal-length int64 id arrays."""
+    stacked = np.ascontiguousarray(np.stack([np.asarray(a, dtype="<i8") for a in ids], axis=1))
+    n, k = stacked.shape
+    width = 8 * k
+    out = hash_binary_buffers(np.arange(0, (n + 1) * width, width, dtype=np.int64),
+                              stacked.view(np.uint8).reshape(-1) if n else _EMPTY_U8)
+    out[(stacked == MISSING_ID).any(axis=1)] = MISSING_ID
+    return out
 
 
 def unit_interval(ids: np.ndarray) -> np.ndarray:

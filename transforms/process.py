@@ -1,6 +1,7 @@
 """The whole transform chain as one pure function: ``SourceBatch -> ProcessedBatch``.
 
-decode -> validate -> filter -> project -> hash ids -> map ids to rows -> assemble.
+decode -> derive -> validate -> filter -> project -> hash ids (and crosses) -> map ids to
+rows -> assemble.
 
 Contract of ``process_batch``:
 
@@ -35,11 +36,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.records import RAW_SCHEMA, SourceBatch
+from streams.records import RAW_SCHEMA, SourceBatch, csv_header_of
 from transforms.config import EventFormat, FilterConfig, SchemaConfig
-from transforms.decode import Decoded, DecodePlan, FieldRole, Rejects, validate
+from transforms.decode import (
+    Decoded,
+    DecodePlan,
+    FieldRole,
+    FieldSource,
+    Rejects,
+    validate,
+)
+from transforms.decode_csv import decode_csv
 from transforms.decode_json import decode_json
 from transforms.decode_tsv import decode_tsv
+from transforms.derive import derive
 from transforms.elements import (
     EVENT_TIME_COLUMN,
     OFFSET_COLUMN,
@@ -50,7 +60,7 @@ from transforms.elements import (
 )
 from transforms.errors import MappingError
 from transforms.filters import FilterPlan, compile_filter
-from transforms.hashing import hash_ints, hash_strings
+from transforms.hashing import hash_cross, hash_ints, hash_strings
 from transforms.mappers import MappingSet
 
 __all__ = ["TransformSpec", "process_batch", "output_schema", "source_batch", "bench_process"]
@@ -109,15 +119,19 @@ def _checked_rows(feature: str, mapper, ids: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _sparse(f, dec: Decoded, mapper) -> tuple[pa.Array, pa.Array]:
-    string = f.arrow_type == pa.string() or (f.multi and f.arrow_type.value_type == pa.string())
+def _single_ids(f, dec: Decoded, ids_of: dict[str, np.ndarray]) -> np.ndarray:
+    if f.source is FieldSource.CROSS:
+        return hash_cross([ids_of[name] for name in f.cross])
+    if f.name in dec.ids:
+        return dec.ids[f.name]
+    col = dec.columns[f.name]
+    return hash_strings(col) if f.arrow_type == pa.string() else hash_ints(col)
+
+
+def _sparse(f, dec: Decoded, mapper, ids_of: dict[str, np.ndarray]) -> tuple[pa.Array, pa.Array]:
     lookups = mapper.lookups
     if not f.multi:
-        if f.name in dec.ids:
-            ids = dec.ids[f.name]
-        else:
-            col = dec.columns[f.name]
-            ids = hash_strings(col) if string else hash_ints(col)
+        ids = ids_of[f.name] = _single_ids(f, dec, ids_of)
         rows = _checked_rows(f.name, mapper, ids)
         if lookups == 1:
             return pa.array(rows, type=pa.int64()), pa.array(ids, type=pa.int64())
@@ -128,7 +142,7 @@ def _sparse(f, dec: Decoded, mapper) -> tuple[pa.Array, pa.Array]:
     offs = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offs[1:])
     flat = pc.list_flatten(col)
-    ids = hash_strings(flat) if string else hash_ints(flat)
+    ids = hash_strings(flat) if f.arrow_type.value_type == pa.string() else hash_ints(flat)
     rows = _checked_rows(f.name, mapper, ids)
     rows_flat = rows if lookups == 1 else rows.T.reshape(-1)
     return _list(offs * lookups, rows_flat), _list(offs, ids)
@@ -142,9 +156,10 @@ def _assemble(spec: TransformSpec, mappings: MappingSet, dec: Decoded, offsets: 
     arrays = [pa.array(label, type=pa.float32())]
     arrays += [pa.array(dec.dense[d.name], type=pa.float32()) for d in spec.schema.dense]
     ids_arrays = []
+    ids_of: dict[str, np.ndarray] = {}  # single-valued features' ids, for the crosses after them
     for f in plan.fields:
         if f.role is FieldRole.SPARSE:
-            rows, ids = _sparse(f, dec, mappings[f.name])
+            rows, ids = _sparse(f, dec, mappings[f.name], ids_of)
             arrays.append(rows)
             ids_arrays.append(ids)
     arrays += ids_arrays
@@ -158,6 +173,26 @@ def _assemble(spec: TransformSpec, mappings: MappingSet, dec: Decoded, offsets: 
     arrays.append(pa.array(offsets[dec.index], type=pa.int64()))
     arrays.append(pa.array(np.asarray(event_ms, dtype=np.int64), type=pa.int64()))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _decode(spec: TransformSpec, rec: pa.RecordBatch, cand: np.ndarray, rejects: Rejects) -> Decoded:
+    """Format decode of the event fields, then the derived fields, then ``validate``."""
+    plan = spec.plan
+    values = rec.column("value")
+    if plan.format is EventFormat.JSON:
+        dec = decode_json(plan.raw, values, cand, rejects)
+    elif plan.format is EventFormat.TSV:
+        dec = decode_tsv(plan.raw, values, cand, rejects)
+    else:
+        dec = decode_csv(plan.raw, values, cand, rejects, header=csv_header_of(rec))
+    dec, late = derive(plan, dec)
+    dec = validate(plan, dec, rejects)
+    if late:
+        hit = np.isin(dec.index, np.fromiter(late, dtype=np.int64, count=len(late)))
+        for i in dec.index[hit]:
+            rejects.add(int(i), *late[int(i)])
+        dec = dec.take(~hit)
+    return dec
 
 
 def process_batch(sb: SourceBatch, spec: TransformSpec, mappings: MappingSet) -> ProcessedBatch:
@@ -181,8 +216,7 @@ def process_batch(sb: SourceBatch, spec: TransformSpec, mappings: MappingSet) ->
                     f"{len_np[i]} bytes > source.max_message_bytes = {spec.max_message_bytes}; raise it to accept")
     cand = np.flatnonzero(~(empty | oversize)).astype(np.int64)
 
-    decode = decode_json if spec.plan.format is EventFormat.JSON else decode_tsv
-    dec = validate(spec.plan, decode(spec.plan, values, cand, rejects), rejects)
+    dec = _decode(spec, rec, cand, rejects)
 
     filtered = np.empty(0, dtype=np.int64)
     if spec.filter.active and len(dec.index):

@@ -1,7 +1,8 @@
 """One TOML file -> one frozen, typed, validated config tree.
 
 Each section is declared by the package that uses it (``streams.config``,
-``transforms.config``, ``storage.config``, ``trainer.config``, ``engine.config.pipeline``);
+``transforms.config``, ``storage.config``, ``trainer.config``, ``engine.config.pipeline``,
+``engine.config.metrics``);
 this module composes them into ``HeadraceConfig`` and loads it from TOML.
 
 Example:
@@ -22,6 +23,7 @@ from typing import Any
 import tomllib
 
 from engine.config._loader import ConfigContext, build_section
+from engine.config.metrics import MetricsConfig
 from engine.config.pipeline import PipelineConfig, RunnerKind
 from engine.errors import ConfigError
 from storage.config import CacheConfig, CacheDurability
@@ -55,7 +57,7 @@ __all__ = [
     "SchemaConfig", "EventFormat", "DenseFeature", "SparseFeature", "SparseType",
     "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "CacheDurability", "TrainerConfig",
     "OptimizerKind", "HashConfig", "FitKind", "ShardingConfig", "ShardingType", "DeviceKind",
-    "CommPrecision", "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
+    "CommPrecision", "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind", "MetricsConfig",
 ]
 
 
@@ -70,6 +72,7 @@ class HeadraceConfig:
     hash: HashConfig = HashConfig()
     sharding: ShardingConfig = ShardingConfig()
     row_cache: RowCacheConfig = RowCacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def __post_init__(self):
         for s in self.schema.sparse:

@@ -20,6 +20,21 @@ from streams.synthetic import SyntheticSpec, synthetic_config_dict
 SMALL_SPEC = SyntheticSpec(num_dense=4, num_sparse=5, cardinality=500, informative_sparse=3, informative_dense=2)
 
 
+def produce_numbered(bootstrap: str, topic: str, start: int, n: int, partitions: int) -> None:
+    """Events ``start .. start + n - 1`` (event i on partition ``i % partitions``, its fields
+    derived from i) sent by a plain kafka-python producer, no headrace code: the 'outside
+    client'."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    for i in range(start, start + n):
+        event = {"label": i % 2, "i1": i, "i2": 1, "i3": 2, "i4": 3, "c1": f"u{i}", "c2": "a",
+                 "c3": "b", "c4": "c", "c5": "d", "ts": 1_767_225_600_000 + i}
+        producer.send(topic, orjson.dumps(event), partition=i % partitions)
+    producer.flush()
+    producer.close()
+
+
 def write_config(tmp_path: Path, doc: dict, name: str = "config.toml") -> Path:
     """Write a config document as TOML (tiny writer: tables of scalars, lists, inline tables)."""
 
@@ -66,6 +81,18 @@ def headrace(*args: str, timeout_s: float = 300, **kw) -> subprocess.CompletedPr
     """Run the CLI as a user would (python -m engine), capturing output."""
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                           timeout=timeout_s, cwd=os.getcwd(), **kw)
+
+
+def http_get(address: str, path: str, timeout_s: float = 10) -> tuple[int, bytes]:
+    """(status, body) of GET http://address/path; HTTP errors are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout_s) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def last_json(stdout: str) -> dict:

@@ -84,7 +84,7 @@ def test_read_log_files_rejects_bad_paths(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         ReadLogFiles([str(tmp_path / "missing.jsonl")])
     with pytest.raises(SourceError, match="unknown extension"):
-        ReadLogFiles([str(tmp_path / "x.csv")])
+        ReadLogFiles([str(tmp_path / "x.parquet")])
     with pytest.raises(SourceConfigError, match="listed twice"):
         ReadLogFiles([plain, plain])
 

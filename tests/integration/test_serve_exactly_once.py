@@ -7,13 +7,12 @@ import random
 import signal
 
 import numpy as np
-import orjson
 import pytest
-from kafka import KafkaProducer
 
 from storage.batch_cache import BatchCache
 from tests.integration.engine_helpers import (
     cache_counts,
+    produce_numbered,
     small_config_doc,
     start_headrace,
     stop,
@@ -26,14 +25,7 @@ TOTAL = 12_000
 
 
 def _produce(bootstrap: str, topic: str, start: int, n: int) -> None:
-    """A plain kafka-python producer, no headrace code: the 'outside client'."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
-    for i in range(start, start + n):
-        event = {"label": i % 2, "i1": i, "i2": 1, "i3": 2, "i4": 3, "c1": f"u{i}", "c2": "a",
-                 "c3": "b", "c4": "c", "c5": "d", "ts": 1_767_225_600_000 + i}
-        producer.send(topic, orjson.dumps(event), partition=i % PARTITIONS)
-    producer.flush()
-    producer.close()
+    produce_numbered(bootstrap, topic, start, n, PARTITIONS)
 
 
 @pytest.mark.slow

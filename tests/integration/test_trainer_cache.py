@@ -103,6 +103,16 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+def assert_same_training(trainer_a, summary_a: dict, trainer_b, summary_b: dict) -> None:
+    """Bitwise the same parameters and optimizer state, metrics and cursor."""
+    pa_, pb_ = params(trainer_a), params(trainer_b)
+    for k in pa_:
+        assert same(pa_[k], pb_[k]), k
+    for k in ("auc", "logloss", "window_auc", "window_logloss", "calibration"):
+        assert summary_a[k] == summary_b[k], k
+    assert summary_a["cursor"] == summary_b["cursor"]
+
+
 def test_learns_planted_signal_and_registers_reader(tmp_path):
     cfg = make_cfg(tmp_path)
     with BatchCache(cfg.cache.path, map_size_bytes=MAP_BYTES) as cache:
@@ -135,12 +145,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert s_rest["resumed_from"].endswith("ckpt-000000000011.pt")
     assert s_first["trained_samples"] + s_rest["trained_samples"] == s_whole["trained_samples"] == 2500
 
-    pa_, pb_ = params(whole), params(rest)
-    for k in pa_:
-        assert same(pa_[k], pb_[k]), k
-    for k in ("auc", "logloss", "window_auc", "window_logloss", "calibration"):
-        assert s_rest[k] == s_whole[k], k
-    assert s_rest["cursor"] == s_whole["cursor"]
+    assert_same_training(whole, s_whole, rest, s_rest)
 
     # resuming once more finds nothing new to train and changes nothing
     again = ContinuousTrainer(cfg_b).run()

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from storage.errors import DiskFullError
 from trainer.checkpoint_writer import BackgroundCheckpointWriter, snapshot
 
 
@@ -62,7 +63,8 @@ def test_a_failed_background_write_is_raised_and_leaves_no_file(tmp_path):
 
     writer = BackgroundCheckpointWriter(write_blob=broken)
     writer.submit(tmp_path / "x.pt", {"w": torch.ones(2)})
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="x.pt") as info:  # storage.atomic names the full path
         writer.wait()
+    assert isinstance(info.value.__cause__, OSError) and "No space left" in str(info.value.__cause__)
     assert list(tmp_path.iterdir()) == []
     assert writer.wait() == []  # the error is reported once

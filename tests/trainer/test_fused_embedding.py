@@ -320,3 +320,86 @@ def test_converted_plain_run_continues_identically_with_its_row_state():
         fused.sparse_step()
     for name, w in fused.per_table_weights().items():
         torch.testing.assert_close(w, plain.bags[name].weight.detach(), atol=1e-6, rtol=0)
+
+
+# -- CUDA (skipped without a GPU; bench/gpu_checks.sh runs them on one) --------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(sparse, device):
+    return {name: j.to(device) for name, j in sparse.items()}
+
+
+@cuda
+def test_cuda_init_is_bitwise_the_cpu_init():
+    tables = [TableSpec("a", 3000, 16), TableSpec("b", 7, 16), TableSpec("c", 1 << 20 | 5, 16)]
+    gpu = FusedEmbeddingBagCollection(tables, seed=5, device="cuda")
+    cpu = FusedEmbeddingBagCollection(tables, seed=5)
+    assert gpu.weights.is_cuda and torch.equal(gpu.weights.cpu(), cpu.weights)
+
+
+@cuda
+def test_cuda_fuse_does_not_sync_and_equals_cpu_fuse():
+    tables = [TableSpec("a", 30, 4), TableSpec("b", 10, 4)]
+    gpu, cpu = FusedEmbeddingBagCollection(tables, device="cuda"), FusedEmbeddingBagCollection(tables)
+    gen = torch.Generator().manual_seed(3)
+    for single in (True, False):
+        sparse = random_batch(tables, 16, gen, single=single, weighted=() if single else ("b",))
+        on_gpu = _to(sparse, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fused = gpu.fuse(on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = cpu.fuse(sparse)
+        assert torch.equal(fused.values.cpu(), want.values) and torch.equal(fused.offsets.cpu(), want.offsets)
+        assert (fused.weights is None) == (want.weights is None)
+        if want.weights is not None:
+            assert torch.equal(fused.weights.cpu(), want.weights)
+
+
+@cuda
+@pytest.mark.parametrize("kind", list(SparseOptimizerKind))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_training_matches_cpu(kind, dtype):
+    """Same batches on both devices: pooled outputs, row gradients and updated rows agree
+    (16-bit rows within one rounding step: a last-bit difference of the fp32 update may send
+    a stochastic rounding the other way)."""
+    tables = [TableSpec("a", 30, 4), TableSpec("b", 10, 4)]
+    make = lambda device: FusedEmbeddingBagCollection(tables, seed=0, optimizer=kind, learning_rate=0.1,
+                                                      embedding_dtype=dtype, device=device)
+    cpu, gpu = make("cpu"), make("cuda")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        sparse = random_batch(tables, 16, gen, weighted=("b",))
+        coeff = torch.randn(16, 2, 4, generator=gen)
+        a, b = cpu(sparse), gpu(_to(sparse, "cuda"))
+        torch.testing.assert_close(b.cpu(), a, atol=tol, rtol=0)
+        (a * coeff).sum().backward()
+        (b * coeff.cuda()).sum().backward()
+        (rows_a, grad_a), (rows_b, grad_b) = cpu.pending_gradient, gpu.pending_gradient
+        assert torch.equal(rows_b.cpu(), rows_a)
+        torch.testing.assert_close(grad_b.cpu(), grad_a, atol=tol, rtol=0)
+        cpu.sparse_step()
+        gpu.sparse_step()
+    torch.testing.assert_close(gpu.weights.cpu().float(), cpu.weights.float(), atol=tol, rtol=0)
+    assert int(gpu.step) == int(cpu.step) == 4
+
+
+@cuda
+def test_cuda_state_dict_resumes_on_cpu_and_back():
+    tables = [TableSpec("a", 30, 4), TableSpec("b", 10, 4)]
+    gpu = FusedEmbeddingBagCollection(tables, embedding_dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator().manual_seed(1)
+    sparse = random_batch(tables, 8, gen)
+    gpu(_to(sparse, "cuda")).sum().backward()
+    gpu.sparse_step()
+    cpu = FusedEmbeddingBagCollection(tables, embedding_dtype=torch.bfloat16)
+    cpu.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in gpu.state_dict().items()})
+    assert torch.equal(cpu.weights, gpu.weights.cpu()) and int(cpu.step) == 1
+    again = FusedEmbeddingBagCollection(tables, embedding_dtype=torch.bfloat16, device="cuda")
+    again.load_state_dict(cpu.state_dict())
+    assert torch.equal(again.weights, gpu.weights) and again.weights.is_cuda

@@ -168,3 +168,41 @@ def test_state_bytes_and_spec_validation():
         SparseOptimizerSpec(learning_rate=0)
     with pytest.raises(TrainerConfigError, match="betas"):
         SparseOptimizerSpec("adam", betas=(0.9, 1.0))
+
+
+# -- CUDA (skipped without a GPU; bench/gpu_checks.sh runs them on one) --------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_stochastic_rounding_is_bitwise_the_cpu_rounding(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 13, generator=gen) * 0.05
+    x[0, :4] = torch.tensor([1e-6, -3e-7, 7e4, -7e4])  # fp16 subnormals and saturation
+    rows = torch.randperm(1000, generator=gen)[:64]
+    want = stochastic_round(x, dtype, seed=3, step=11, rows=rows)
+    got = stochastic_round(x.cuda(), dtype, seed=3, step=11, rows=rows.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+@cuda
+@pytest.mark.parametrize("kind", list(SparseOptimizerKind))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_update_matches_cpu(kind, dtype):
+    spec = SparseOptimizerSpec(kind, learning_rate=0.05)
+    gen = torch.Generator().manual_seed(2)
+    weights = {"cpu": (torch.randn(50, 8, generator=gen) * 0.1).to(dtype)}
+    weights["cuda"] = weights["cpu"].cuda()
+    state = {dev: init_state(kind, 50, 8, dev) for dev in ("cpu", "cuda")}
+    for step in range(1, 4):
+        rows = torch.randperm(50, generator=gen)[:12]
+        grad = torch.randn(12, 8, generator=gen)
+        for dev in ("cpu", "cuda"):
+            apply_sparse_update_(spec, weights[dev], state[dev], rows.to(dev), grad.to(dev), step=step,
+                                 rounding_seed=9)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # 16-bit: one rounding step at most
+    torch.testing.assert_close(weights["cuda"].cpu().float(), weights["cpu"].float(), atol=tol, rtol=0)
+    for name, tensor in state["cpu"].items():
+        torch.testing.assert_close(state["cuda"][name].cpu(), tensor, atol=1e-6, rtol=1e-5)

@@ -69,3 +69,27 @@ def test_write_behind_raises_the_writer_error_and_writes_nothing_after_it(tmp_pa
             behind.flush()
         assert cache.next_offset("t", 0) == 10  # the good batch before the error, nothing after
         behind.close()
+
+
+def test_at_the_disk_reserve_the_writer_waits_and_a_stop_drops_the_held_batches(tmp_path):
+    from engine.errors import DiskReserveError
+    from storage.disk_space import disk_usage
+
+    reserve = disk_usage(tmp_path).free_bytes + (1 << 40)  # more than the disk has: always at the reserve
+    polls = []
+
+    def stop() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    with BatchCache(tmp_path / "c", disk_reserve_bytes=reserve) as cache:
+        with pytest.raises(DiskReserveError):  # no stop to wait for (backfill): the error at once
+            OrderedCacheWriter(cache).write(make_pb("t", 0, 0, 10))
+        behind = WriteBehind(OrderedCacheWriter(cache, stop=stop, reserve_poll_s=0.01))
+        for s in range(0, 30, 10):
+            behind.submit(make_pb("t", 0, s, s + 10, partition_start=0))
+        behind.flush()  # no error: the stop gave up the wait
+        behind.close()
+        assert behind.writer.paused and len(polls) > 3
+        assert behind.abandoned == 3  # the held batch and the ones after it, never written
+        assert cache.next_offsets() == {} and cache.counts()["read"] == 0

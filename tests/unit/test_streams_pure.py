@@ -71,7 +71,7 @@ def test_iter_lines_counts_blank_lines_and_strips_terminators(tmp_path, name):
 def test_log_format_rejects_unknown_extension(tmp_path):
     assert log_format("x.TSV.GZ") is LogFormat.TSV
     with pytest.raises(SourceError, match="unknown extension"):
-        log_format(str(tmp_path / "x.csv"))
+        log_format(str(tmp_path / "x.parquet"))
 
 
 def test_corrupt_gzip_is_a_source_error_naming_the_file(tmp_path):
