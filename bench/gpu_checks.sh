@@ -58,8 +58,8 @@ step gpu_train_d128 140 python3 bench/gpu_train.py --device cuda --dim 128 --no-
   --train-batches 60 --steps 120 --json
 # Earlier issues: CUDA cases of the equivalence tests (row cache on the device, NCCL one-rank
 # sharding, pinned-memory loading; they skip themselves on CPU-only machines), then benches.
-step equivalence_tests 120 "${PYTEST[@]}" tests/integration/test_row_cache_equivalence.py \
-  tests/integration/test_sharded_train.py tests/unit/test_trainer_data.py tests/unit/test_trainer_device.py
+step equivalence_tests 120 "${PYTEST[@]}" tests/trainer/test_row_cache_equivalence.py \
+  tests/trainer/test_sharded_train.py tests/trainer/test_trainer_data.py tests/trainer/test_trainer_device.py
 step trainer 60 python3 bench/trainer.py --rows 200000 --json
 step row_cache 60 python3 bench/row_cache.py --device cuda --json
 step sharded_train 60 python3 bench/sharded_train.py --ranks 1 --json

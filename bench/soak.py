@@ -155,7 +155,7 @@ def slope_per_h(ts: list[float], ys: list[float]) -> float:
 
 def _config(workdir: Path, bootstrap: str, topic: str, args) -> Path:
     from streams.synthetic import SyntheticSpec, synthetic_config_dict
-    from tests.integration.engine_helpers import write_config
+    from tests.engine_helpers import write_config
 
     doc = synthetic_config_dict(SyntheticSpec(), rows=100_000)
     doc["schema"]["event_time"] = ""  # the Kafka record timestamp: freshness from production time

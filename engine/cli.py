@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import orjson
 
-from engine.config import HeadraceConfig, load_config
+from engine.config import HeadraceConfig, load_config, replace_in
 from engine.errors import HEADRACE_ERRORS, ConfigError, exit_code_of
 from engine.logs import configure_logging
 
@@ -38,7 +38,14 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def _config(args) -> HeadraceConfig:
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    listen = getattr(args, "metrics_listen", None)
+    if listen is not None:  # --metrics-listen overrides [metrics] listen
+        try:
+            cfg = replace_in(cfg, "metrics", listen=listen)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics-listen: {exc}") from None
+    return cfg
 
 
 def _require_cache(cfg: HeadraceConfig) -> None:
@@ -259,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("broker", cmd_broker, "run the bundled Kafka-compatible broker on 127.0.0.1", config=False, json_=False)
     sp.add_argument("--port", type=int, default=0, help="port (0 = any free port; printed on start)")
 
+    def add_listen(sp) -> None:
+        sp.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                        help="serve /metrics, /healthz, /readyz here (overrides [metrics] listen; "
+                             "port 0 = any free port; '' = off)")
+
     sp = add("serve", cmd_serve, "stream Kafka into the cache and train continuously")
+    add_listen(sp)
     sp.add_argument("--no-train", action="store_true", help="ingest only")
     sp.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until SIGTERM)")
     sp.add_argument("--status-file", default=None, metavar="PATH",
@@ -267,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "freshness, disk space and the processes' pids")
 
     sp = add("backfill", cmd_backfill, "replay logs or a Kafka range through the same pipeline into the cache")
+    add_listen(sp)
     sp.add_argument("--from", dest="sources", nargs="+", required=True, metavar="PATH|kafka:TOPIC",
                     help="log files/globs/directories (.jsonl, .jsonl.gz, .tsv, .tsv.gz) or kafka:TOPIC")
     sp.add_argument("--start-offset", type=int, default=None)
@@ -275,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--end-time", default=None, help="epoch ms or ISO-8601 (exclusive)")
 
     sp = add("train", cmd_train, "train the model from the cache")
+    add_listen(sp)
     sp.add_argument("--follow", action="store_true", help="keep waiting for new batches (until SIGTERM)")
 
     sp = add("produce", cmd_produce, "publish a log file to Kafka, one message per line (per CSV record)", json_=True)

@@ -71,8 +71,11 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
 
         on_mapping_change = migration_hook(cfg)
     if not (endpoint and cfg.metrics.address is not None and os.environ.get("RANK", "0") == "0"):
-        return _train(cfg, follow=follow, stop=stopped, on_progress=on_progress,
-                      on_mapping_change=on_mapping_change)
+        summary = _train(cfg, follow=follow, stop=stopped, on_progress=on_progress,
+                         on_mapping_change=on_mapping_change)
+        if summary is not None and endpoint:
+            summary["metrics_address"] = None
+        return summary
     from engine.health import open_endpoint
     from engine.metrics import TrainerReporter
 

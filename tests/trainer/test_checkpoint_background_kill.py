@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from storage.batch_cache import BatchCache
-from tests.integration.engine_helpers import last_json, write_config
-from tests.integration.test_trainer_cache import MAP_BYTES, sizes_for, write_batches
+from tests.engine_helpers import last_json, write_config
+from tests.trainer.test_trainer_cache import MAP_BYTES, sizes_for, write_batches
 
 pytestmark = pytest.mark.slow
 

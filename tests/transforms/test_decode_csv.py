@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.records import CSV_HEADER_KEY
-from tests.unit.test_transforms_decode import _outcome, _setup
+from tests.transforms.test_transforms_decode import _outcome, _setup
 from transforms.decode_csv import header_columns, scan_csv_rows
 from transforms.elements import Reason, Stage, id_column
 from transforms.errors import TransformConfigError
