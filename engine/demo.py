@@ -71,7 +71,10 @@ def demo(
     from streams.broker import EmbeddedBroker
 
     workdir = workdir or tempfile.mkdtemp(prefix="headrace-demo-")
-    spec = SyntheticSpec(cardinality=20_000)
+    # Event times start now and advance at the production rate (all "now" when producing as
+    # fast as possible), so the summary's freshness is the real delay from event to training.
+    interval_ms = int(1000 // rate_events_per_s) if rate_events_per_s else 0
+    spec = SyntheticSpec(cardinality=20_000, start_time_ms=int(time.time() * 1000), event_interval_ms=interval_ms)
     with EmbeddedBroker() as broker:
         create_topic(broker.bootstrap, DEMO_TOPIC, partitions=partitions)
         cfg = demo_config(broker.bootstrap, workdir, spec)
