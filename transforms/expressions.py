@@ -36,7 +36,7 @@ import numpy as np
 
 from transforms.errors import TransformConfigError
 
-__all__ = ["Expression", "parse_expression"]
+__all__ = ["Expression", "parse_expression", "scan_tokens"]
 
 #: (float64 values, bool validity) of one column; values under an invalid flag are ignored.
 Column = tuple[np.ndarray, np.ndarray]
@@ -202,18 +202,30 @@ class _Parser:
         raise self.fail(f"unexpected {tok!r}")
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
+def scan_tokens(text: str, token_re: re.Pattern, unreadable) -> list[tuple[str, str]]:
+    """``(kind, token)`` pairs of ``text`` by the named groups of ``token_re`` (whitespace
+    skipped by the pattern itself); ``unreadable(rest)`` builds the error raised at the first
+    text no group matches. Shared by this grammar and the filter clauses."""
     out, pos = [], 0
     stripped = text.rstrip()
     while pos < len(stripped):
-        m = _TOKEN.match(stripped, pos)
+        m = token_re.match(stripped, pos)
         if not m or m.end() == pos:
-            bad = stripped[pos:].strip()
-            hint = " (strings are not allowed)" if bad[:1] in "'\"" else ""
-            raise TransformConfigError(f"expression {text!r}: cannot read {bad!r}{hint}; {_GRAMMAR}")
+            raise unreadable(stripped[pos:].strip())
         out.append((m.lastgroup, m.group(m.lastgroup)))
         pos = m.end()
     return out
+
+
+def _unreadable(text: str):
+    def error(bad: str) -> TransformConfigError:
+        hint = " (strings are not allowed)" if bad[:1] in "'\"" else ""
+        return TransformConfigError(f"expression {text!r}: cannot read {bad!r}{hint}; {_GRAMMAR}")
+    return error
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    return scan_tokens(text, _TOKEN, _unreadable(text))
 
 
 def parse_expression(text: str) -> Expression:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from transforms.config import FilterConfig
 from transforms.errors import TransformConfigError
+from transforms.expressions import scan_tokens
 from transforms.hashing import hash_strings, unit_interval
 
 __all__ = ["FilterOp", "LiteralKind", "Clause", "FilterPlan", "parse_clause", "compile_filter"]
@@ -90,16 +91,8 @@ class Clause:
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    stripped = text.rstrip()
-    while pos < len(stripped):
-        m = _TOKEN.match(stripped, pos)
-        if not m or m.end() == pos:
-            raise TransformConfigError(f"filter clause {text!r}: cannot read {stripped[pos:].strip()!r}; {_GRAMMAR}")
-        kind = m.lastgroup
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-    return out
+    return scan_tokens(text, _TOKEN, lambda bad: TransformConfigError(
+        f"filter clause {text!r}: cannot read {bad!r}; {_GRAMMAR}"))
 
 
 def _literal(kind: str, tok: str, text: str) -> int | float | str:
