@@ -8,11 +8,14 @@ embedding collection's ``sparse_step()`` when it has one. Scoring and training s
 forward pass; with no dropout or batch-norm in the DLRM this is exactly "score, then train".
 
 Embeddings: ``embeddings`` if given; else the SSD-backed ``CachedEmbeddingBagCollection``
-when ``[row_cache] enabled``; else the plain ``EmbeddingBagCollection``, switched to sparse
-gradients under Adagrad/SGD (``trainer.optim``). A collection with ``prefetch(next_sparse)``
-gets the next training batch right after the current forward pass; the loop then reads one
-batch ahead (in follow mode a batch is trained once the next one is available; a stop
-leaves it unread for the next run), and never prefetches across a mapping-version change.
+when ``[row_cache] enabled``; else the fused plain collection
+(``trainer.model.fused_embeddings_from_config``: every table in one buffer, trained by
+``[trainer] sparse_optimizer``). The dense torch optimizer sees only ``nn.Parameter``s. A
+collection whose capabilities include ``prefetch`` gets the next training batch right after
+the current forward pass; the loop then reads one batch ahead (in follow mode a batch is
+trained once the next one is available, unless ``[trainer] max_batch_wait_ms`` cuts batches
+on a timer, when the loop does not read ahead; a stop leaves a read-ahead batch unread for
+the next run), and never prefetches across a mapping-version change.
 
 Resume: on start the newest checkpoint in ``trainer.checkpoint_dir`` is restored (model,
 optimizer, metrics, counters) and reading resumes at its cursor, so a run stopped after k
