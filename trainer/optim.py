@@ -1,13 +1,15 @@
-"""The dense optimizer named by ``trainer.optimizer``, and sparse embedding gradients.
+"""The dense optimizer named by ``[trainer] dense_optimizer``, and sparse gradients for an
+``nn.EmbeddingBag`` collection passed to the trainer.
 
-Embedding tables are most of the parameters but a step touches few of their rows. With
-dense gradients every optimizer step reads and writes every row (measured: ~950 ms per
-512-sample step over 26 x 100k x 16 rows on one CPU core); with sparse gradients it touches
-only the looked-up rows. Adagrad and SGD accept sparse gradients and give the same update
-(a row whose gradient is zero is left unchanged by both), so the trainer switches the
-plain collection's bags to sparse gradients for them. Adam does not accept sparse
-gradients, and its moment decay changes untouched rows too, so under Adam the bags keep
-dense gradients.
+The trainer's own collections (fused, sharded, SSD-cached) keep their rows in buffers and
+update them with their sparse optimizer (``trainer.sparse_optim``); the dense optimizer never
+sees them. A plain ``trainer.embedding.EmbeddingBagCollection`` handed in by a caller has its
+rows as parameters, which the dense optimizer then trains: with dense gradients every step
+would read and write every row (measured in the first release: ~950 ms per 512-sample step
+over 26 x 100k x 16 rows on one CPU core), so under Adagrad and SGD, which give the same
+update from sparse gradients, its bags are switched to sparse gradients. Adam does not accept
+sparse gradients, and its moment decay changes untouched rows too, so under Adam they stay
+dense.
 """
 
 from __future__ import annotations
