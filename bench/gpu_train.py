@@ -77,7 +77,7 @@ from storage.batch_cache import BatchCache  # noqa: E402
 from storage.config import CacheConfig, CacheDurability  # noqa: E402
 from trainer.batch import Jagged  # noqa: E402
 from trainer.config import (  # noqa: E402
-    EmbeddingDtype, Precision, RowCacheConfig, SparseOptimizerKind, TrainerConfig, TrainSpec,
+    EmbeddingDtype, ModelConfig, Precision, RowCacheConfig, SparseOptimizerKind, TrainerConfig, TrainSpec,
 )
 from trainer.embedding import TableSpec  # noqa: E402
 from trainer.fused_embedding import FusedEmbeddingBagCollection  # noqa: E402
@@ -292,7 +292,9 @@ def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, d
         batch_size=shape.batch_size, learning_rate=LEARNING_RATE, precision=precision,
         embedding_dtype=embedding_dtype, checkpoint_dir=checkpoint_dir,
         checkpoint_every_batches=10**9, metrics_window=shape.batch_size, device=str(device))
-    return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache or RowCacheConfig(), cache=cache_cfg)
+    # The baseline's model: no first-order part, no dense normaliser ([model] defaults add both).
+    return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache or RowCacheConfig(), cache=cache_cfg,
+                     model=ModelConfig(wide=False, normalize_dense=False))
 
 
 def trainer_samples_per_s(cfg: TrainSpec, device: torch.device, *, warmup: int,

@@ -1,5 +1,5 @@
 """Model quality per id mapper and compression ratio: the same DLRM trained online on the
-same stream with each mapper, at equal embedding memory.
+same stream with each mapper, at equal total memory (embedding table + mapper).
 
 Protocol (identical for every mapper):
 
@@ -7,9 +7,15 @@ Protocol (identical for every mapper):
   part after it. Mappers are fitted from the history's id statistics only (counts and
   labels); the learned mapper also uses the embeddings of an uncompressed reference model
   trained on the history (the paper's setup: "a model trained with a generous table").
-* Compression ``k``: each feature's table gets ``ceil(distinct_ids_in_history / k)`` rows,
-  the same for every mapper at that ratio (so equal embedding memory, ``table_bytes``).
-  ``uncompressed`` gives every history id its own row (plus 1% rows for unseen ids).
+* Compression ``k``: each feature gets the memory of ``ceil(distinct_ids_in_history / k)``
+  embedding rows. With ``--memory total`` (the default) that is the budget for the table
+  *and* the mapper (``total_bytes`` = ``table_bytes`` + ``mapper_bytes``, equal for every
+  mapper at a ratio): the hashing tricks take all of it as rows; ``frequency`` and
+  ``learned`` take the most rows that leave room for their id tables and codes
+  (``hash_fit.fit_within_memory``; the learned mapper may use ``--mapper-share`` of the
+  budget). ``--memory embedding`` gives every mapper the same rows and leaves the mapper's
+  bytes uncounted. ``uncompressed`` gives every history id its own row (plus 1% rows for
+  unseen ids).
 * Each model trains one online pass over the whole stream from the same initial weights;
   the reported logloss and AUC are *progressive* (each batch scored before training on it)
   over the evaluation part.
@@ -22,7 +28,8 @@ by mass-balanced clusters of similar ids; see ``transforms.hash_fit``).
     python bench/hash_quality.py --data log.jsonl --format jsonl --config C.toml [--json]
 
 With ``--json`` the last line is ``{"rows": [{"mapper", "compression", "logloss", "auc",
-"fit_s", "table_bytes", ...}], ...}``.
+"fit_s", "rows", "table_bytes", "mapper_bytes", "total_bytes", ...}], "ordering", "memory",
+...}``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import config_from_dict, load_config  # noqa: E402
-from engine.errors import ConfigError  # noqa: E402
+from engine.errors import ConfigError, MappingError  # noqa: E402
 from trainer.batch import Jagged  # noqa: E402
 from trainer.metrics import exact_auc  # noqa: E402
 from trainer.model import DLRM  # noqa: E402
@@ -53,6 +60,7 @@ from transforms.hash_fit import (  # noqa: E402
     embedding_vectors,
     fit_frequency,
     fit_learned,
+    fit_within_memory,
 )
 from transforms.mappers import DoubleHashMapper, IdMapper, ModuloMapper  # noqa: E402
 
@@ -195,8 +203,35 @@ def history_stats(stream: Stream, fit_until: int) -> dict[str, IdStats]:
             for j, f in enumerate(stream.features)}
 
 
+def fit_mappers(name: str, stats: dict[str, IdStats], budget_rows: dict[str, int], row_bytes: int,
+                total_memory: bool, mapper_share: float, params: LearnedFitParams,
+                embeddings: dict[str, np.ndarray], seed: int) -> dict[str, IdMapper]:
+    """Mapper ``name`` for every feature. Equal embedding memory (``total_memory`` False):
+    ``budget_rows[f]`` rows each. Equal total memory: the table plus the mapper fit in
+    ``budget_rows[f] * row_bytes`` bytes (what the hashing trick's table takes), the learned
+    mapper's table and codes within ``mapper_share`` of that."""
+    out: dict[str, IdMapper] = {}
+    for f, st in stats.items():
+        rows, budget = budget_rows[f], budget_rows[f] * row_bytes
+        if name == "modulo":
+            out[f] = ModuloMapper(rows)
+        elif name == "double":
+            out[f] = DoubleHashMapper(rows)
+        elif name == "frequency":
+            def fit(r, st=st):
+                return fit_frequency(st, r, hot_fraction=0.5, seed=seed + 2)
+            out[f] = fit_within_memory(budget, row_bytes, fit) if total_memory else fit(rows)
+        else:
+            p = dataclasses.replace(params, mapper_bytes=int(mapper_share * budget)) if total_memory else params
+
+            def fit(r, st=st, p=p, emb=embeddings[f]):
+                return fit_learned(st, r, p, emb)
+            out[f] = fit_within_memory(budget, row_bytes, fit) if total_memory else fit(rows)
+    return out
+
+
 def run(stream: Stream, compressions: list[int], mappers: list[str], dim: int, batch: int,
-        fit_fraction: float, seed: int) -> dict[str, Any]:
+        fit_fraction: float, seed: int, total_memory: bool = True, mapper_share: float = 0.5) -> dict[str, Any]:
     n = stream.labels.shape[0]
     fit_until = int(n * fit_fraction)
     stats = history_stats(stream, fit_until)
@@ -204,9 +239,13 @@ def run(stream: Stream, compressions: list[int], mappers: list[str], dim: int, b
     print(f"{n:,} events, {len(stream.features)} sparse features, history {fit_until:,} events; distinct ids "
           f"in history per feature: {min(distinct.values()):,}..{max(distinct.values()):,}", file=sys.stderr)
     out_rows = []
+    row_bytes = dim * 4
 
-    def table_bytes(rows: dict[str, int]) -> int:
-        return sum(rows.values()) * dim * 4
+    def memory(ms: dict[str, IdMapper]) -> dict[str, int]:
+        table = sum(m.rows for m in ms.values()) * row_bytes
+        mapper = sum(m.nbytes for m in ms.values())
+        return {"rows": sum(m.rows for m in ms.values()), "table_bytes": table, "mapper_bytes": mapper,
+                "total_bytes": table + mapper}
 
     # uncompressed reference: every history id its own row, 1% (>= 1) rows for unseen ids
     t0 = time.perf_counter()
@@ -215,36 +254,27 @@ def run(stream: Stream, compressions: list[int], mappers: list[str], dim: int, b
     ref_fit_s = time.perf_counter() - t0
     ref = train_online(stream, ref_mappers, dim, batch, fit_until, seed, snapshot_at=fit_until)
     out_rows.append({"mapper": "uncompressed", "compression": 1, "logloss": ref["logloss"], "auc": ref["auc"],
-                     "fit_s": ref_fit_s, "train_s": ref["train_s"],
-                     "table_bytes": table_bytes({f: m.rows for f, m in ref_mappers.items()}),
-                     "mapper_bytes": sum(m.nbytes for m in ref_mappers.values())})
+                     "fit_s": ref_fit_s, "train_s": ref["train_s"], **memory(ref_mappers)})
     print(f"  uncompressed: logloss {ref['logloss']:.5f} auc {ref['auc']:.4f} ({ref['train_s']:.1f} s)",
           file=sys.stderr)
-    ref_tables = ref["snapshot"]
     params = LearnedFitParams(seed=seed + 2)
+    embeddings = {f: embedding_vectors(stats[f].ids, ref_mappers[f], ref["snapshot"][f], params.embedding_components)
+                  for f in stream.features}
     for k in compressions:
-        rows = {f: max(2, math.ceil(d / k)) for f, d in distinct.items()}
+        budget_rows = {f: max(2, math.ceil(d / k)) for f, d in distinct.items()}
         for name in mappers:
             t0 = time.perf_counter()
-            if name == "modulo":
-                ms: dict[str, IdMapper] = {f: ModuloMapper(rows[f]) for f in stream.features}
-            elif name == "double":
-                ms = {f: DoubleHashMapper(rows[f]) for f in stream.features}
-            elif name == "frequency":
-                ms = {f: fit_frequency(stats[f], rows[f], hot_fraction=0.5, seed=seed + 2) for f in stream.features}
-            else:
-                ms = {}
-                for f in stream.features:
-                    emb = embedding_vectors(stats[f].ids, ref_mappers[f], ref_tables[f], params.embedding_components)
-                    ms[f] = fit_learned(stats[f], rows[f], params, emb)
+            ms = fit_mappers(name, stats, budget_rows, row_bytes, total_memory, mapper_share, params, embeddings, seed)
             fit_s = time.perf_counter() - t0
             res = train_online(stream, ms, dim, batch, fit_until, seed)
+            mem = memory(ms)
             out_rows.append({"mapper": name, "compression": k, "logloss": res["logloss"], "auc": res["auc"],
-                             "fit_s": fit_s, "train_s": res["train_s"], "table_bytes": table_bytes(rows),
-                             "mapper_bytes": sum(getattr(m, "nbytes", 0) for m in ms.values())})
-            print(f"  1/{k:<3} {name:<10} logloss {res['logloss']:.5f} auc {res['auc']:.4f} "
-                  f"fit {fit_s:.2f} s train {res['train_s']:.1f} s", file=sys.stderr)
-    return {"rows": out_rows, "events": n, "history_events": fit_until, "distinct_ids": distinct}
+                             "fit_s": fit_s, "train_s": res["train_s"], **mem})
+            print(f"  1/{k:<3} {name:<10} logloss {res['logloss']:.5f} auc {res['auc']:.4f} rows {mem['rows']:,} "
+                  f"mapper {mem['mapper_bytes'] / 1024:.1f} KiB fit {fit_s:.2f} s train {res['train_s']:.1f} s",
+                  file=sys.stderr)
+    return {"rows": out_rows, "events": n, "history_events": fit_until, "distinct_ids": distinct,
+            "memory": "total" if total_memory else "embedding", "mapper_share": mapper_share}
 
 
 def ordering(rows: list[dict[str, Any]], compressions: list[int]) -> dict[str, bool]:
@@ -258,15 +288,17 @@ def ordering(rows: list[dict[str, Any]], compressions: list[int]) -> dict[str, b
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'mapper':<13}{'rows':>9}{'logloss':>10}{'AUC':>8}{'fit s':>8}{'train s':>9}"
-          f"{'table MiB':>11}{'mapper MiB':>12}")
+    print(f"{'mapper':<13}{'memory':>8}{'logloss':>10}{'AUC':>8}{'fit s':>8}{'train s':>9}{'rows':>9}"
+          f"{'table KiB':>11}{'mapper KiB':>12}{'total KiB':>11}")
     for r in result["rows"]:
         comp = "1:1" if r["mapper"] == "uncompressed" else f"1/{r['compression']}"
         auc = "n/a" if r["auc"] is None else f"{r['auc']:.4f}"
-        print(f"{r['mapper']:<13}{comp:>9}{r['logloss']:>10.5f}{auc:>8}{r['fit_s']:>8.2f}{r['train_s']:>9.1f}"
-              f"{r['table_bytes'] / 2**20:>11.2f}{r['mapper_bytes'] / 2**20:>12.2f}")
+        print(f"{r['mapper']:<13}{comp:>8}{r['logloss']:>10.5f}{auc:>8}{r['fit_s']:>8.2f}{r['train_s']:>9.1f}"
+              f"{r['rows']:>9,}{r['table_bytes'] / 1024:>11.1f}{r['mapper_bytes'] / 1024:>12.1f}"
+              f"{r['total_bytes'] / 1024:>11.1f}")
+    equal = "total (table + mapper)" if result["memory"] == "total" else "embedding-table"
     for k, ok in result["ordering"].items():
-        print(f"learned <= frequency <= modulo at 1/{k}: {'holds' if ok else 'does NOT hold'}")
+        print(f"learned <= frequency <= modulo at 1/{k} of {equal} memory: {'holds' if ok else 'does NOT hold'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--fit-fraction", type=float, default=0.3, help="share of the stream the mappers are fitted on")
+    ap.add_argument("--memory", choices=["total", "embedding"], default="total",
+                    help="what is equal across mappers at a ratio: table + mapper bytes, or table bytes only")
+    ap.add_argument("--mapper-share", type=float, default=0.5,
+                    help="share of the total memory the learned mapper's table and codes may take "
+                         "(0.5 measured best at 1/16 and 1/64 on the synthetic stream; 0.15-0.35 lost)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
@@ -295,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in mappers if m not in MAPPERS]
     if bad or not compressions or min(compressions) < 1 or not 0 < args.fit_fraction < 1:
         ap.error(f"mappers must be among {MAPPERS} (got {bad}), compressions >= 1, fit-fraction in (0, 1)")
+    if not 0 < args.mapper_share < 1:
+        ap.error(f"--mapper-share must be in (0, 1), got {args.mapper_share}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -311,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             stream = synthetic_stream(args.events, args.cardinality, args.sparse, args.seed)
             source = {"synthetic": {"events": args.events, "cardinality": args.cardinality, "sparse": args.sparse}}
         t0 = time.perf_counter()
-        result = run(stream, compressions, mappers, args.dim, args.batch, args.fit_fraction, args.seed)
-    except ConfigError as exc:
+        result = run(stream, compressions, mappers, args.dim, args.batch, args.fit_fraction, args.seed,
+                     total_memory=args.memory == "total", mapper_share=args.mapper_share)
+    except (ConfigError, MappingError) as exc:
         print(f"hash_quality: {exc}", file=sys.stderr)
         return 2
     result["ordering"] = ordering(result["rows"], compressions)

@@ -51,6 +51,9 @@ def make_cfg(args, sharding: str):
                     "batch_size": args.batch_size, "sparse_optimizer": args.sparse_optimizer,
                     "dense_optimizer": "adagrad", "learning_rate": 0.05},
         "sharding": {"enabled": True, "device": "cpu", "tables": forced, "data_parallel_max_bytes": 0},
+        # the embedding tables' exchange alone, as before [model] existed (this bench builds
+        # the model around one sharded collection)
+        "model": {"wide": False, "normalize_dense": False},
     })
 
 

@@ -21,8 +21,13 @@ __all__ = [
     "serve",
     "backfill",
     "train",
+    "feed",
+    "feed_server",
     "demo",
     "fit_hash",
     "refit_loop",
+    "export",
+    "serving",
+    "score",
     "cli",
 ]

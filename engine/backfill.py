@@ -179,8 +179,9 @@ def _show(progress: ProgressLine, now: dict, before: dict, t0: float, total: int
     read = now["read"] - before["read"]
     rate = read / max(time.monotonic() - t0, 1e-9)
     pct = f" {100.0 * read / total:5.1f}%" if total else ""
+    delta = {k: now[k] - before[k] for k in ("read", "cached_rows", "filtered", "dead_letters")}
     progress.update(
-        f"backfill:{pct} read {read:,} ({format_rate(rate)} ev/s) cached {now['cached_rows'] - before['cached_rows']:,} "
-        f"filtered {now['filtered'] - before['filtered']:,} dead {now['dead_letters'] - before['dead_letters']:,}",
-        force=force,
+        f"backfill:{pct} read {read:,} ({format_rate(rate)} ev/s) cached {delta['cached_rows']:,} "
+        f"filtered {delta['filtered']:,} dead {delta['dead_letters']:,}",
+        force=force, fields={**delta, "events_per_s": rate, "total": total},
     )

@@ -16,7 +16,7 @@ import orjson
 
 from engine.config import HeadraceConfig, load_config, replace_in
 from engine.errors import HEADRACE_ERRORS, ConfigError, exit_code_of
-from engine.logs import configure_logging
+from engine.logs import LogFormat, configure_logging
 
 __all__ = ["main", "build_parser"]
 
@@ -99,11 +99,56 @@ def cmd_train(args) -> dict:
         fresh = s.get("freshness_p50_s")
         line.update(f"train: {s.get('trained_samples', 0):,} samples"
                     + (f" | AUC {auc:.3f} | logloss {s.get('logloss', float('nan')):.4f}" if auc is not None else "")
-                    + (f" | fresh p50 {fresh:.1f}s p99 {s['freshness_p99_s']:.1f}s" if fresh is not None else ""))
+                    + (f" | fresh p50 {fresh:.1f}s p99 {s['freshness_p99_s']:.1f}s" if fresh is not None else ""),
+                    fields={k: s.get(k) for k in _TRAIN_PROGRESS_FIELDS})
 
     result = train(_config(args), follow=args.follow, on_progress=show)
     line.close()
     return result
+
+
+#: The numbers of a progress report a JSON progress log line carries.
+_TRAIN_PROGRESS_FIELDS = ("trained_samples", "total_trained_samples", "samples_per_s", "auc", "logloss",
+                          "window_auc", "freshness_p50_s", "freshness_p99_s", "data_wait_fraction")
+
+
+def cmd_report(args) -> dict:
+    from engine.report import report
+
+    return report(_config(args), config_path=args.config, out_dir=args.out)
+
+
+def cmd_feed(args) -> dict:
+    from engine.feed import feed
+
+    def ready(info: dict) -> None:  # the address first (port 0 picks one), the summary at exit
+        _emit(info, args.json)
+
+    result = feed(_config(args), listen=args.listen, token_env=args.token_env, tls_cert=args.tls_cert,
+                  tls_key=args.tls_key, on_ready=ready)
+    if result["abandoned_streams"]:
+        # Flight's shutdown still waits on a stream whose reader stopped reading; a normal
+        # exit would wait with it. The feed holds no state of its own to flush.
+        import os
+
+        _emit(result, args.json)
+        sys.stderr.flush()
+        os._exit(0)
+    return result
+
+
+def cmd_export(args) -> dict:
+    from engine.export import export_package
+
+    return export_package(_config(args), args.out, since=args.since, dtype=args.dtype,
+                          checkpoint=args.checkpoint, program=False if args.no_program else None)
+
+
+def cmd_score(args) -> dict:
+    from engine.score import score
+
+    return score(args.model, args.sources, cfg=_config(args) if args.config else None, out=args.out,
+                 labeled=not args.no_labels)
 
 
 def cmd_produce(args) -> dict:
@@ -252,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Kafka -> Beam -> Arrow batches in LMDB -> continuous DLRM training.",
         epilog="Summarising commands print one JSON object as their last line with --json.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("--log-format", choices=[f.value for f in LogFormat], default=LogFormat.TEXT.value,
+                   help="log lines on stderr as text or as one JSON object each (progress too, when "
+                        "stderr is not a terminal)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable, help_: str, config: bool = True, json_: bool = True):
@@ -291,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train the model from the cache")
     add_listen(sp)
     sp.add_argument("--follow", action="store_true", help="keep waiting for new batches (until SIGTERM)")
+
+    sp = add("feed", cmd_feed, "serve the cache's batches to trainers on other hosts over Arrow Flight")
+    sp.add_argument("--listen", default="127.0.0.1:8815", metavar="HOST:PORT",
+                    help="address to serve on (default loopback 127.0.0.1:8815; port 0 = any free port, printed)")
+    sp.add_argument("--token-env", default=None, metavar="VAR",
+                    help="require the bearer token held in this environment variable on every call")
+    sp.add_argument("--tls-cert", default=None, metavar="PEM", help="serve grpc+tls with this certificate chain")
+    sp.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key")
 
     sp = add("produce", cmd_produce, "publish a log file to Kafka, one message per line (per CSV record)", json_=True)
     sp.add_argument("--from", dest="path", required=True, help=".jsonl, .tsv or .csv file, optionally .gz")
@@ -346,24 +402,59 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device kind to plan for (auto: [sharding] device, else this machine's)")
 
     add("fit-hash", cmd_fit_hash, "fit learned id -> row mappings from the cache's statistics")
+
+    sp = add("export", cmd_export, "write the newest checkpoint as a model package (full, or a delta with --since)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="the package directory to create (must not exist)")
+    sp.add_argument("--since", default=None, metavar="PACKAGE",
+                    help="write a delta: only the embedding rows changed since this package (plus dense weights)")
+    sp.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="embedding table precision in the package (default: [export] dtype, fp32)")
+    sp.add_argument("--checkpoint", default=None, metavar="PATH",
+                    help="export this checkpoint (ckpt-*.pt or sharded-*/) instead of the newest")
+    sp.add_argument("--no-program", action="store_true", help="skip the torch.export program of the dense part")
+
+    sp = add("score", cmd_score, "score log files with an exported model through the training transforms",
+             config=False)
+    sp.add_argument("--config", "-c", default=None,
+                    help="TOML config; optional, its schema and filter must be the model's")
+    sp.add_argument("--model", required=True, metavar="DIR", help="a package written by headrace export")
+    sp.add_argument("--from", dest="sources", nargs="+", required=True, metavar="PATH",
+                    help="log files/globs/directories (.jsonl, .tsv, .csv, optionally .gz)")
+    sp.add_argument("--out", default=None, metavar="PREDS.parquet",
+                    help="write source, offset, label and prediction of every scored event")
+    sp.add_argument("--no-labels", action="store_true",
+                    help="the logs have no labels: score every event as predict does (no AUC)")
+
+    sp = add("report", cmd_report, "PNG plots and an index.html of the model's metrics history (all runs)")
+    sp.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <checkpoint_dir>/report)")
     return p
 
 
 _EXIT_INTERRUPTED = 130
 
 
+def _final_word(text: str, fields: dict, log_format: str) -> None:
+    """Why the command failed, on stderr: plain text, or a JSON log line with ``--log-format json``."""
+    if LogFormat(log_format) is LogFormat.JSON:
+        log.error(text, extra={"fields": fields})
+    else:
+        sys.stderr.write(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    configure_logging(level)
+    configure_logging(level, args.log_format)
     try:
         result: Any = args.fn(args)
     except HEADRACE_ERRORS as exc:
         kind = "retriable " if exc.retriable else ""
-        sys.stderr.write(f"headrace: {kind}error: {exc}\n")
+        _final_word(f"headrace: {kind}error: {exc}", {"error": type(exc).__name__, "retriable": exc.retriable,
+                                                      "exit_code": exit_code_of(exc)}, args.log_format)
         return exit_code_of(exc)
     except KeyboardInterrupt as exc:
-        sys.stderr.write(f"headrace: interrupted{': ' + str(exc) if str(exc) else ''}\n")
+        _final_word(f"headrace: interrupted{': ' + str(exc) if str(exc) else ''}",
+                    {"error": "interrupted", "exit_code": _EXIT_INTERRUPTED}, args.log_format)
         return _EXIT_INTERRUPTED
     if isinstance(result, dict):
         _emit(result, getattr(args, "json", False))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from storage.errors import CacheError, CheckpointError, DiskFullError, DiskReserveError, StorageError
 from streams.errors import BrokerError, SourceConfigError, SourceError
-from trainer.errors import PlanError, TrainerConfigError, TrainerError
+from trainer.errors import FeedError, PlanError, TrainerConfigError, TrainerError
 from transforms.errors import MappingError, PluginError, TransformConfigError, TransformError
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "TransformError", "TransformConfigError", "MappingError", "PluginError",
     "StorageError", "CacheError", "CheckpointError", "DiskFullError", "DiskReserveError",
     "error_from_report", "error_report",
-    "TrainerError", "TrainerConfigError", "PlanError",
+    "TrainerError", "TrainerConfigError", "PlanError", "FeedError",
 ]
 
 
@@ -45,6 +45,7 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (TrainerConfigError, 2),
     (PluginError, 2),
     (SourceError, 3),
+    (FeedError, 3),  # a trainer's feed is its source
     (DiskFullError, 8),
     (CacheError, 4),
     (CheckpointError, 4),
@@ -57,7 +58,7 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 
 
 def exit_code_of(exc: BaseException) -> int:
-    """The CLI's exit code for ``exc``: 2 config/plugin, 3 source, 4 cache/checkpoint,
+    """The CLI's exit code for ``exc``: 2 config/plugin, 3 source (a feed too), 4 cache/checkpoint,
     5 trainer, 6 plan, 7 mapping, 8 disk full, 1 anything else."""
     for cls, code in _EXIT_CODES:
         if isinstance(exc, cls):

@@ -30,6 +30,7 @@ from engine.errors import MappingError
 from storage.batch_cache import BatchCache
 from storage.id_stats import read_id_stats
 from storage.mapping_store import MappingStore
+from storage.migration_stats import load_migration_stats, save_migration_stats
 from trainer.migrate import checkpoint_tables, migrate_model
 from transforms.hash_fit import IdStats, fit_mapping_set
 from transforms.mappers import MappingSet
@@ -80,9 +81,23 @@ def fit_from_cache(cfg: HeadraceConfig, *, cache: BatchCache | None = None) -> d
             f"(counted: { {f: r['events'] for f, r in report.items()} }); ingest more, or lower "
             "[hash] min_events_to_fit"
         )
+    # the counts this version is fitted on, pinned for every migration to it (saved first:
+    # a stored mapping version always has them)
+    save_migration_stats(store, new.version, {f: (s.ids, s.counts) for f, s in stats.items()})
     path = store.save(new)
+    pruned = store.prune(cfg.hash.keep_mappings, _oldest_needed_version(cfg, cache, trained_version))
     return {"version": new.version, "path": path, "fit_s": round(time.perf_counter() - t0, 4),
-            "features": report, "stats": summary}
+            "features": report, "stats": summary, "pruned_versions": pruned}
+
+
+def _oldest_needed_version(cfg: HeadraceConfig, cache: BatchCache | None, trained_version: int | None) -> int | None:
+    """The oldest mapping version a reader may still ask for: the trainer's checkpoint's, or
+    the oldest cached batch's (a trainer behind the cache migrates from it)."""
+    opened = BatchCache.from_config(cfg.cache, readonly=True) if cache is None else contextlib.nullcontext(cache)
+    with opened as c:
+        cached = c.oldest_mapping_version()
+    known = [v for v in (trained_version, cached) if v is not None]
+    return min(known) if known else None
 
 
 class RefitScheduler:
@@ -111,19 +126,25 @@ class RefitScheduler:
 
 def migration_hook(cfg: HeadraceConfig, cache: BatchCache | None = None):
     """An ``on_mapping_change`` hook for ``trainer.loop.ContinuousTrainer``: loads the old
-    and new mapping sets from the mapping store, reads id statistics from the cache
-    (``cache`` or a read-only one opened per call) and migrates rows and optimizer state
-    (``trainer.migrate.migrate_model``). ``hook.reports`` collects what each call moved."""
+    and new mapping sets from the mapping store and the id statistics the new version was
+    fitted on (``storage.migration_stats``: the same on every rank and on every run, so the
+    boundary resumes exactly like any other step; for a version saved without them, the
+    cache's current statistics, from ``cache`` or a read-only one opened per call) and
+    migrates rows and optimizer state (``trainer.migrate.migrate_model``, wherever the rows
+    live). ``hook.reports`` collects what each call moved."""
     store = mapping_store(cfg)
     reports: list[dict[str, Any]] = []
 
     def hook(old_version: int, new_version: int, model, optimizer) -> None:
         old, new = (store.load_or_default(cfg.schema, cfg.hash.mapper, version=v) for v in (old_version, new_version))
-        stats, _ = cache_id_stats(cfg, cache)
+        stats = load_migration_stats(store, new_version)
+        pinned = stats is not None
+        if not pinned:
+            live, _ = cache_id_stats(cfg, cache)
+            stats = {f: (s.ids, s.counts) for f, s in live.items()}
         t0 = time.perf_counter()
-        moved = migrate_model(model, optimizer, old.mappers, new.mappers,
-                              {f: (s.ids, s.counts) for f, s in stats.items()})
-        reports.append({"from": old_version, "to": new_version, "features": moved,
+        moved = migrate_model(model, optimizer, old.mappers, new.mappers, stats)
+        reports.append({"from": old_version, "to": new_version, "features": moved, "pinned_stats": pinned,
                         "migrate_s": round(time.perf_counter() - t0, 4)})
 
     hook.reports = reports

@@ -116,6 +116,11 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("headrace_model_trained_samples", _G, "Samples the model has trained on since its first checkpoint."),
     MetricDef("headrace_trainer_last_report_timestamp_seconds", _G, "Unix time of the trainer's last progress report."),
     MetricDef("headrace_trainer_device_memory_bytes", _G, "CUDA memory of the trainer's device.", ("device", "kind")),
+    MetricDef("headrace_trainer_row_cache_lookups_total", _C, "Distinct rows looked up in the SSD row cache (per table per batch)."),
+    MetricDef("headrace_trainer_row_cache_hits_total", _C, "Row-cache lookups served by the device cache."),
+    MetricDef("headrace_trainer_row_cache_read_bytes_total", _C, "Bytes of rows read from the SSD row store (misses)."),
+    MetricDef("headrace_trainer_row_cache_written_bytes_total", _C, "Bytes of rows written back to the SSD row store."),
+    MetricDef("headrace_trainer_row_cache_hit_ratio", _G, "Row-cache hits / lookups over the trainer's run."),
     # freshness
     MetricDef("headrace_freshness_seconds", _H, "Per trained row: time it was trained minus its event time."),
     MetricDef("headrace_freshness_window_seconds", _G,
@@ -299,6 +304,13 @@ def trainer_snapshot(progress: dict[str, Any]) -> Snapshot:
     }
     if steps is not None:
         counters["headrace_trainer_batches_total"] = [[[], sum(steps["counts"])]]
+    row_cache = progress.get("row_cache")
+    if row_cache is not None:
+        for name, key in (("headrace_trainer_row_cache_lookups_total", "lookups"),
+                          ("headrace_trainer_row_cache_hits_total", "hits"),
+                          ("headrace_trainer_row_cache_read_bytes_total", "bytes_read"),
+                          ("headrace_trainer_row_cache_written_bytes_total", "bytes_written")):
+            counters[name] = [[[], row_cache[key]]]
     gauges: dict[str, list] = {}
     for name, key in (("headrace_trainer_data_wait_ratio", "data_wait_fraction"),
                       ("headrace_trainer_auc", "auc"), ("headrace_trainer_logloss", "logloss"),
@@ -315,6 +327,8 @@ def trainer_snapshot(progress: dict[str, Any]) -> Snapshot:
                  if progress.get(k) is not None]
     if quantiles:
         gauges["headrace_freshness_window_seconds"] = quantiles
+    if row_cache is not None:
+        gauges["headrace_trainer_row_cache_hit_ratio"] = [[[], float(row_cache["hit_rate"])]]
     memory = device_memory()
     if memory:
         gauges["headrace_trainer_device_memory_bytes"] = memory

@@ -22,6 +22,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 from multiprocessing import resource_tracker
@@ -31,7 +32,7 @@ from typing import Any, Callable
 import orjson
 
 from engine.errors import HEADRACE_ERRORS, error_from_report, error_report, exit_code_of
-from engine.logs import configure_logging
+from engine.logs import configure_logging, current_format
 
 __all__ = ["StopFile", "spawn_child", "child_failure", "install_stop_signals", "STOP_SIGNALS"]
 
@@ -69,14 +70,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(parent_pid: int, log_level: int, error_path: str | None, target: Callable[..., Any],
-                args: tuple) -> None:
+def _child_main(parent_pid: int, log_level: int, log_format: str, error_path: str | None,
+                payload: bytes) -> None:
     # The supervisor owns SIGINT/SIGTERM: children stop through their StopFile. (Already
     # ignored since exec, see spawn_child; set again in case a library reset them.)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent(parent_pid)
-    configure_logging(log_level)
+    # Logging first, then the target and its arguments: unpickling them imports their modules
+    # (Beam among them), whose import-time log lines must come out in this process's format.
+    configure_logging(log_level, log_format, replace=True)
+    target, args = pickle.loads(payload)
     try:
         target(*args)
     except HEADRACE_ERRORS as exc:
@@ -88,13 +92,16 @@ def _child_main(parent_pid: int, log_level: int, error_path: str | None, target:
 
 
 def spawn_child(name: str, target: Callable[..., Any], *args: Any, error_path: str | None = None) -> mp.Process:
-    """Start ``target(*args)`` in a fresh interpreter that dies with this process and
-    ignores SIGINT/SIGTERM from its start. A headrace error ending it is written as
-    ``engine.errors.error_report`` JSON to ``error_path`` (when given)."""
+    """Start ``target(*args)`` in a fresh interpreter that dies with this process, ignores
+    SIGINT/SIGTERM from its start and logs as this one does (level and format). A headrace
+    error ending it is written as ``engine.errors.error_report`` JSON to ``error_path`` (when
+    given)."""
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
         name=name, target=_child_main,
-        args=(os.getpid(), logging.getLogger().getEffectiveLevel(), error_path, target, args), daemon=False,
+        args=(os.getpid(), logging.getLogger().getEffectiveLevel(), current_format().value, error_path,
+              pickle.dumps((target, args))),
+        daemon=False,
     )
     # multiprocessing's resource tracker unblocks SIGINT/SIGTERM when it first starts: start
     # it before blocking them here.

@@ -1,11 +1,28 @@
-"""Human-readable live progress on stderr (results go to stdout as JSON)."""
+"""Live progress on stderr (results go to stdout as JSON): a status line on a terminal, a
+periodic log line otherwise.
+
+On a terminal (stderr is a TTY) one line is rewritten in place, at most every 0.2 s. Anywhere
+else (a file, a pipe, systemd's journal) rewriting makes no sense, so the same text goes out
+as an INFO record of the ``headrace.progress`` logger every ``log_every_s`` seconds, in the
+log format in force (``--log-format json``: the numbers passed as ``fields`` are in the
+record's ``"fields"``).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from typing import Any
 
-__all__ = ["ProgressLine", "format_rate"]
+from engine.logs import PROGRESS_LOGGER
+
+__all__ = ["ProgressLine", "format_rate", "LOG_EVERY_S"]
+
+#: Seconds between progress log lines when stderr is not a terminal.
+LOG_EVERY_S = 10.0
+
+_log = logging.getLogger(PROGRESS_LOGGER)
 
 
 def format_rate(x: float) -> str:
@@ -16,29 +33,31 @@ def format_rate(x: float) -> str:
 
 
 class ProgressLine:
-    """Rewrites one status line on a terminal; prints a line every ``every_s`` otherwise."""
+    """Rewrites one status line on a terminal; logs it every ``log_every_s`` otherwise."""
 
-    def __init__(self, stream=None, every_s: float = 2.0, enabled: bool = True):
+    def __init__(self, stream=None, log_every_s: float = LOG_EVERY_S, enabled: bool = True):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every_s = every_s if not self.tty else 0.2
+        self.every_s = 0.2 if self.tty else log_every_s
         self.enabled = enabled
         self._last = 0.0
         self._width = 0
 
-    def update(self, text: str, force: bool = False) -> None:
+    def update(self, text: str, force: bool = False, fields: dict[str, Any] | None = None) -> None:
+        """Show ``text`` (``force``: even if the last one was shown just now). ``fields``: the
+        numbers behind it, for JSON log lines."""
         if not self.enabled:
             return
         now = time.monotonic()
         if not force and now - self._last < self.every_s:
             return
         self._last = now
-        if self.tty:
-            pad = max(self._width - len(text), 0)
-            self.stream.write("\r" + text + " " * pad)
-            self._width = len(text)
-        else:
-            self.stream.write(text + "\n")
+        if not self.tty:
+            _log.info(text, extra={"fields": fields} if fields else None)
+            return
+        pad = max(self._width - len(text), 0)
+        self.stream.write("\r" + text + " " * pad)
+        self._width = len(text)
         self.stream.flush()
 
     def close(self) -> None:

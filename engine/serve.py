@@ -35,6 +35,7 @@ import orjson
 
 from engine.config import HeadraceConfig
 from engine.errors import SourceError, TrainerError
+from engine.export import ExportThread
 from engine.health import open_endpoint
 from engine.lag import LagMonitor
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
@@ -64,11 +65,12 @@ def pipeline_main(cfg: HeadraceConfig, stop_path: str, metrics_dir: str | None =
 
 
 def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True,
-                 metrics_dir: str | None = None) -> None:
+                 metrics_dir: str | None = None, lag_path: str | None = None) -> None:
     """Child process: the continuous trainer on the cache, until the stop file. Goes through
     ``engine.train.train`` so a ``[sharding] enabled`` serve writes the same (sharded)
     checkpoints a later ``torchrun ... train`` resumes from. Each progress report is also a
-    metrics snapshot in ``metrics_dir`` (``engine.metrics``)."""
+    metrics snapshot in ``metrics_dir`` (``engine.metrics``); the consumer lag the supervisor
+    writes to ``lag_path`` goes into the metrics history."""
     from engine.fit_hash import migration_hook
     from engine.metrics import TrainerReporter
     from engine.train import train
@@ -81,7 +83,8 @@ def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow
             metrics.report(status)
 
     summary = train(cfg, follow=follow, stop=StopFile(stop_path), on_progress=report,
-                    on_mapping_change=migration_hook(cfg), handle_signals=False, endpoint=False)
+                    on_mapping_change=migration_hook(cfg), handle_signals=False, endpoint=False,
+                    lag=(lambda: _read_json(lag_path).get("lag")) if lag_path else None)
     report({**summary, "final": True})
 
 
@@ -142,6 +145,17 @@ def _describe(s: ServeStatus, rate: float) -> str:
     return "serve: " + " | ".join(parts)
 
 
+def _progress_fields(s: ServeStatus, rate: float) -> dict[str, Any]:
+    """The numbers of the progress line, for JSON log lines (``--log-format json``)."""
+    t = s.trainer
+    return {"read": s.read, "events_per_s": rate, "lag": s.lag, "cached_rows": s.cached_rows,
+            "filtered": s.filtered, "dead_letters": s.dead_letters,
+            "ingest_paused": bool(s.disk and s.disk.get("paused")),
+            "trained_samples": s.trained_samples, "auc": t.get("auc"), "logloss": t.get("logloss"),
+            "mapping_version": t.get("mapping_version"), "freshness_p50_s": t.get("freshness_p50_s"),
+            "freshness_p99_s": t.get("freshness_p99_s")}
+
+
 def serve(
     cfg: HeadraceConfig,
     *,
@@ -162,6 +176,7 @@ def serve(
     pipe_error, train_error = os.path.join(run_dir, "pipeline.error"), os.path.join(run_dir, "trainer.error")
     progress_path = os.path.join(run_dir, "trainer.json") if train else None
     metrics_dir = os.path.join(run_dir, "metrics")  # children's snapshots (engine.metrics)
+    lag_path = os.path.join(run_dir, "lag.json")  # the consumer lag, for the trainer's history
     stop_requested, forced = threading.Event(), threading.Event()
     if handle_signals and threading.current_thread() is threading.main_thread():
         install_stop_signals(stop_requested.set, forced.set)
@@ -172,7 +187,7 @@ def serve(
     started_unix_s = time.time()
     pipe = spawn_child("pipeline", pipeline_main, cfg, pipe_stop.path, metrics_dir, error_path=pipe_error)
     trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path, True, metrics_dir,
-                          error_path=train_error) if train else None
+                          lag_path, error_path=train_error) if train else None
     endpoint = None
     progress = progress or ProgressLine()
     t0 = time.monotonic()
@@ -196,6 +211,9 @@ def serve(
             refit = RefitThread(cfg, cache) if cfg.hash.refit_every_s > 0 else None
             if refit is not None:
                 refit.start()
+            exporter = ExportThread(cfg, cache) if train and cfg.export.every_s > 0 else None
+            if exporter is not None:  # model packages from the newest checkpoints ([export])
+                exporter.start()
             start = _status(cache, t0, progress_path)
             last_read, last_t = start.read, t0
             rate = 0.0
@@ -203,6 +221,7 @@ def serve(
             first_read_t: float | None = None
             read_seen, last_change_t = start.read, t0
             disk, disk_t, status_t = cache.disk(), t0, 0.0
+            lag_t, lag_written = 0.0, None
             pids = {"supervisor": os.getpid(), "pipeline": pipe.pid, "trainer": trainer.pid if trainer else None}
             while True:
                 now = time.monotonic()
@@ -216,7 +235,10 @@ def serve(
                 if now - last_t >= 1.0:
                     rate = (status.read - last_read) / (now - last_t)
                     last_read, last_t = status.read, now
-                progress.update(_describe(status, rate))
+                progress.update(_describe(status, rate), fields=_progress_fields(status, rate))
+                if now - lag_t >= 1.0 and status.lag != lag_written:
+                    lag_t, lag_written = now, status.lag
+                    atomic_write_bytes(lag_path, orjson.dumps({"lag": status.lag}), durable=False)
                 if status_path and now - status_t >= 1.0:
                     status_t = now
                     atomic_write_bytes(status_path, orjson.dumps({**status.to_dict(), "events_per_s": rate,
@@ -235,6 +257,9 @@ def serve(
             if refit is not None:
                 refit.stop()
                 refit.join()
+            if exporter is not None:
+                exporter.stop()
+                exporter.join()
             pipe_stop.request()
             join(pipe)
             if trainer is not None:
@@ -242,7 +267,8 @@ def serve(
                 join(trainer)
             lag.join(timeout=10)
             status = _status(cache, t0, progress_path, lag.lag, cache.disk())
-            progress.update(_describe(status, status.read / max(status.elapsed_s, 1e-9)), force=True)
+            final_rate = status.read / max(status.elapsed_s, 1e-9)
+            progress.update(_describe(status, final_rate), force=True, fields=_progress_fields(status, final_rate))
             progress.close()
             cache_stat = cache.stat()
         if failure is None and pipe.exitcode != 0:
@@ -277,6 +303,7 @@ def serve(
         "lag": status.lag,
         "mapping_version": status.trainer.get("mapping_version"),
         "mapping_refits": [r.get("version") for r in (refit.reports if refit else []) if "version" in r],
+        "exports": [r["package"] for r in (exporter.reports if exporter else [])],
         "elapsed_s": elapsed,
         "freshness_p50_s": status.trainer.get("freshness_p50_s"),
         "freshness_p99_s": status.trainer.get("freshness_p99_s"),

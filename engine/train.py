@@ -23,6 +23,7 @@ from typing import Any, Callable
 from engine.config import HeadraceConfig
 from engine.errors import CacheError
 from engine.processes import install_stop_signals
+from trainer.history import MetricsRecorder
 
 __all__ = ["train", "launched_by_torchrun", "PROGRESS_EVERY_S"]
 
@@ -37,7 +38,8 @@ def launched_by_torchrun() -> bool:
 def train(cfg: HeadraceConfig, *, follow: bool = False,
           on_progress: Callable[[dict[str, Any]], None] | None = None,
           handle_signals: bool = True, stop: Callable[[], bool] | None = None,
-          on_mapping_change: Callable[..., None] | None = None, endpoint: bool = True) -> dict | None:
+          on_mapping_change: Callable[..., None] | None = None, endpoint: bool = True,
+          lag: Callable[[], int | None] | None = None) -> dict | None:
     """Train from the cache's current position (or the last checkpoint); returns the summary
     ``{"trained_samples", "auc", "logloss", "samples_per_s", ...}``. SIGINT/SIGTERM (with
     ``handle_signals``) or ``stop()`` turning true stop it after the current step with a
@@ -50,7 +52,11 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
 
     ``endpoint``: serve ``[metrics]`` from this process (rank 0 only; ``serve``'s trainer child
     passes False and reports to its supervisor instead); the summary then adds
-    ``metrics_address``. Progress is reported at least every ``PROGRESS_EVERY_S`` seconds."""
+    ``metrics_address``. Progress is reported at least every ``PROGRESS_EVERY_S`` seconds.
+
+    History: rank 0 records its progress into the model's metrics history (and TensorBoard,
+    ``[trainer] tensorboard_dir``) with ``trainer.history.MetricsRecorder``, adding the
+    cache's counters and, when the caller knows it, ``lag()`` (``serve`` does)."""
     import torch
 
     if cfg.trainer.threads:
@@ -70,47 +76,85 @@ def train(cfg: HeadraceConfig, *, follow: bool = False,
         from engine.fit_hash import migration_hook
 
         on_mapping_change = migration_hook(cfg)
-    if not (endpoint and cfg.metrics.address is not None and os.environ.get("RANK", "0") == "0"):
-        summary = _train(cfg, follow=follow, stop=stopped, on_progress=on_progress,
-                         on_mapping_change=on_mapping_change)
-        if summary is not None and endpoint:
-            summary["metrics_address"] = None
-        return summary
-    from engine.health import open_endpoint
-    from engine.metrics import TrainerReporter
+    main = os.environ.get("RANK", "0") == "0"
+    serves = endpoint and cfg.metrics.address is not None and main
+    cache = _ReadonlyAfterTrainer(cfg)
+    # Built before training: a missing tensorboard package fails here, not mid-run.
+    recorder = MetricsRecorder(cfg, service=_service_numbers(cache, lag)) if main else None
+    reporter = None
+    if serves:
+        from engine.metrics import TrainerReporter
 
-    reporter = TrainerReporter(None)
-    cache = _ReadonlyAfterTrainer(cfg, reporter)
+        reporter = TrainerReporter(None)
 
     def report(status: dict[str, Any]) -> None:
-        reporter.report(status)
+        cache.trainer_started = True
+        if reporter is not None:
+            reporter.report(status)
+        if recorder is not None:
+            recorder.observe(status)
         if on_progress is not None:
             on_progress(status)
 
+    address = None
     try:
-        with open_endpoint(cfg, "train", cache=cache, trainer_reporter=reporter) as ep:
+        if serves:
+            from engine.health import open_endpoint
+
+            with open_endpoint(cfg, "train", cache=cache, trainer_reporter=reporter) as ep:
+                summary = _train(cfg, follow=follow, stop=stopped, on_progress=report,
+                                 on_mapping_change=on_mapping_change)
+            address = ep.address
+        else:
             summary = _train(cfg, follow=follow, stop=stopped, on_progress=report,
                              on_mapping_change=on_mapping_change)
+        if summary is not None and recorder is not None:
+            recorder.record(summary, final=True)
     finally:
+        if recorder is not None:
+            recorder.close()
         cache.close()
-    if summary is not None:
-        summary["metrics_address"] = ep.address
+    if summary is not None and endpoint:
+        summary["metrics_address"] = address
     return summary
 
 
-class _ReadonlyAfterTrainer:
-    """The endpoint's read-only view of the cache, opened once the trainer has reported: the
-    trainer opens the cache writable first (a process must open it writable before read-only)."""
+def _service_numbers(cache: "_ReadonlyAfterTrainer", lag: Callable[[], int | None] | None
+                     ) -> Callable[[], dict[str, Any]]:
+    """What the history records of the service around the trainer: the cache's lifetime
+    read and dead-letter counters, and the consumer lag when ``lag`` knows it."""
 
-    def __init__(self, cfg: HeadraceConfig, reporter: Any):
+    def numbers() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        view = cache()
+        if view is not None:
+            try:
+                counts = view.counts()
+            except CacheError as exc:  # the history goes without them; training must not stop
+                log.debug("history: cache counts not readable: %s", exc)
+            else:
+                out["cache_read"], out["dead_letters"] = counts["read"], counts["dead_letters"]
+        if lag is not None:
+            out["lag"] = lag()
+        return out
+
+    return numbers
+
+
+class _ReadonlyAfterTrainer:
+    """The endpoint's and the history's read-only view of the cache, opened once the trainer
+    has reported (``trainer_started``): the trainer opens the cache writable first (a process
+    must open it writable before read-only)."""
+
+    def __init__(self, cfg: HeadraceConfig):
         self.cfg = cfg
-        self.reporter = reporter
+        self.trainer_started = False
         self._cache = None
         self._lock = threading.Lock()
 
     def __call__(self):
         with self._lock:
-            if self._cache is None and self.reporter.latest is not None:
+            if self._cache is None and self.trainer_started:
                 from storage.batch_cache import BatchCache
 
                 try:

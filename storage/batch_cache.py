@@ -610,6 +610,13 @@ class BatchCache:
         with self.reader() as r:
             return r.last_seq()
 
+    def oldest_mapping_version(self) -> int | None:
+        """The mapping version of the oldest stored batch (None when none is stored): the
+        oldest id mapping a reader of this cache can still meet."""
+        with self._txn() as txn:
+            cur = txn.cursor(db=self._db[SubDb.META])
+            return BatchMeta.decode(cur.value()).mapping_version if cur.first() else None
+
     def read(self, seq: int) -> CachedBatch:
         """Batch ``seq`` (copied: the caller may keep it), or the next stored one if
         retention deleted it (``skipped_batches`` > 0). Raises a retriable CacheError if

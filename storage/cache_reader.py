@@ -22,6 +22,7 @@ import pyarrow as pa
 from storage.admission import decode_batch
 from storage.cache_keys import BatchMeta, seq_from_key, seq_key
 from storage.errors import CacheError
+from transforms.elements import OFFSET_COLUMN
 
 __all__ = ["CachedBatch", "CacheReader"]
 
@@ -121,3 +122,36 @@ class CacheReader:
                 return
             yield cb
             expected = cb.seq + 1
+
+    def offsets_before(self, seq: int, row: int = 0, partitions: set[tuple[str, int]] | None = None
+                       ) -> dict[str, dict[int, int]]:
+        """topic -> partition -> the offset after the last event of that partition stored
+        before row ``row`` of batch ``seq`` (a reader's cursor): how far into each source a
+        reader at that cursor has read. Walks the batches' metadata backwards from the
+        cursor (no Arrow decoding except batch ``seq`` when ``row`` > 0); stops early once
+        every one of ``partitions`` was seen. Partitions whose batches before the cursor
+        retention deleted are absent."""
+        out: dict[str, dict[int, int]] = {}
+        seen: set[tuple[str, int]] = set()
+
+        def note(topic: str, partition: int, offset: int) -> None:
+            if (topic, partition) not in seen:
+                seen.add((topic, partition))
+                out.setdefault(topic, {})[partition] = offset
+
+        if row > 0:
+            cb = self.read_at_or_after(seq, copy=False)
+            if cb is not None and cb.seq == seq:
+                done = row >= cb.num_rows  # the whole batch: up to its end (dead and filtered ones too)
+                note(cb.topic, cb.partition,
+                     cb.end_offset if done else int(cb.batch.column(OFFSET_COLUMN)[row - 1].as_py()) + 1)
+        cur = self._txn.cursor(db=self._meta)
+        # on the last record before the cursor's batch
+        found = cur.prev() if cur.set_range(seq_key(seq)) else cur.last()
+        while found:
+            meta = BatchMeta.decode(cur.value())
+            note(meta.topic, meta.partition, meta.end_offset)
+            if partitions is not None and partitions <= seen:
+                break
+            found = cur.prev()
+        return out

@@ -7,7 +7,8 @@ map being grown). Exit codes are decided by ``engine.errors``.
 
 from __future__ import annotations
 
-__all__ = ["StorageError", "CacheError", "CheckpointError", "DiskFullError", "DiskReserveError"]
+__all__ = ["StorageError", "CacheError", "CheckpointError", "DiskFullError", "DiskReserveError", "HistoryError",
+           "ModelPackageError"]
 
 
 class StorageError(Exception):
@@ -23,6 +24,10 @@ class StorageError(Exception):
 
 class CacheError(StorageError):
     """The LMDB batch cache, dead-letter, id-stats or mapping store is unusable or inconsistent."""
+
+
+class HistoryError(StorageError):
+    """The trainer's metrics history (``storage.metrics_history``) is missing or unreadable."""
 
 
 class CheckpointError(StorageError):
@@ -50,3 +55,8 @@ class DiskReserveError(DiskFullError):
     """A cache write would have left less than ``[cache] disk_reserve_bytes`` free, so it was
     not attempted: ingest stops here while the disk still has room for checkpoints and
     mappings (``serve`` pauses ingest and resumes once space is back)."""
+
+
+class ModelPackageError(StorageError):
+    """A model package (``headrace export``) is missing, incomplete, damaged, or does not fit
+    what it is applied to (a delta whose parent is not the loaded package)."""

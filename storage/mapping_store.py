@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import re
 
-from storage.atomic import atomic_write_bytes
+from storage.atomic import atomic_write_bytes, fsync_path
 from storage.config import CacheConfig
 from transforms.config import HashConfig, SchemaConfig
 from transforms.errors import MappingError
@@ -118,6 +118,30 @@ class MappingStore:
         if ms.version != v:
             raise MappingError(f"{path} holds version {ms.version}, its name says {v}")
         return ms
+
+    def prune(self, keep: int, needed_from: int | None = None) -> list[int]:
+        """Delete stored versions older than the ``keep`` newest, except those at or after
+        ``needed_from`` (the oldest version a reader may still ask for: of a cached batch
+        or a checkpoint; None = nothing older is needed). ``keep`` 0 keeps everything.
+        Returns the deleted versions. A reader that loads a deleted version gets the
+        store's MappingError naming the versions that exist."""
+        if keep <= 0:
+            return []
+        versions = self.versions()
+        floor = versions[-keep] if len(versions) > keep else None
+        if floor is None:
+            return []
+        if needed_from is not None:
+            floor = min(floor, needed_from)
+        gone = [v for v in versions if v < floor]
+        for v in gone:
+            try:
+                os.unlink(self.path(v))
+            except FileNotFoundError:  # another pruner got there first
+                continue
+        if gone:
+            fsync_path(self.directory)
+        return gone
 
     def save(self, mappings: MappingSet) -> str:
         """Write ``mappings`` as its version's file, atomically and durably; returns the

@@ -58,7 +58,7 @@ from storage.row_store_format import (
     undo_file_name,
 )
 
-__all__ = ["RowStore", "RowTableSpec", "RowInitializer"]
+__all__ = ["RowStore", "RowTableSpec", "RowInitializer", "read_store_manifest"]
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -366,18 +366,7 @@ class RowStore:
             self._undo_fd = None
 
     def _read_manifest(self) -> dict | None:
-        file = os.path.join(self.path, MANIFEST_NAME)
-        try:
-            with open(file, "rb") as fh:
-                manifest = json.loads(fh.read())
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            raise CheckpointError(f"{file}: not a valid row store manifest ({exc})") from None
-        if manifest.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{file}: row store format {manifest.get('format')!r}, this "
-                                  f"headrace reads format {FORMAT_VERSION}")
-        return manifest
+        return read_store_manifest(self.path)
 
     def _check_tables(self, manifest: Mapping) -> None:
         stored = {t["name"]: RowTableSpec(**t) for t in manifest["tables"]}
@@ -397,6 +386,23 @@ class RowStore:
         atomic_write_bytes(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, sort_keys=True).encode(),
                            durable=self._sync)
         self._manifest = manifest
+
+
+def read_store_manifest(path: str) -> dict | None:
+    """The manifest of the row store at ``path`` (None: no store there yet); read-only.
+    ``CheckpointError`` when it is damaged or of another format."""
+    file = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(file, "rb") as fh:
+            manifest = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: not a valid row store manifest ({exc})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: row store format {manifest.get('format')!r}, this "
+                              f"headrace reads format {FORMAT_VERSION}")
+    return manifest
 
 
 def _write_all(fd: int, data: bytes) -> None:

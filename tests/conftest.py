@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-__all__ = ["broker", "new_topic"]
+__all__ = ["broker", "new_topic", "one_torch_thread"]
 
 _BROKER_START_TIMEOUT_S = 30.0
 _TOPIC_TIMEOUT_S = 30.0
@@ -67,3 +67,16 @@ def new_topic(broker, request):
         return name
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test, restored after: small models on a shared
+    2-core machine only spin extra threads against each other, and a resumed run is bitwise
+    the uninterrupted one only at the same thread count (a worker process runs one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -139,3 +139,15 @@ def cached_table(cache_path: str | Path) -> list[tuple[str, int, pa.RecordBatch]
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 60) -> int:
     proc.send_signal(sig)
     return proc.wait(timeout=timeout_s)
+
+
+def fill_synthetic_cache(cfg, rows: int, *, first_offset: int = 0, batch_rows: int = 500) -> None:
+    """Cache ``rows`` synthetic rows (``SMALL_SPEC``, offsets from ``first_offset``) shaped like
+    the pipeline's output, with ``bench/trainer.py``'s filler: a trainer to train, no broker."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "trainer.py"
+    spec = importlib.util.spec_from_file_location("bench_trainer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.fill_cache(cfg, SMALL_SPEC, rows, batch_rows=batch_rows, first_offset=first_offset)

@@ -1,5 +1,6 @@
-"""The model side: DLRM, embedding collections (plain, sharded, SSD-cached), the sharding
-planner, progressive metrics, the continuous training loop and checkpoints."""
+"""The model side: the model kinds (DLRM, DCN-V2, linear) and their first-order part,
+embedding collections (plain, sharded, SSD-cached), the sharding planner, progressive
+metrics and their history, the continuous training loop and checkpoints."""
 
 __all__ = [
     "batch",
@@ -7,12 +8,20 @@ __all__ = [
     "model",
     "metrics",
     "live_metrics",
+    "history",
+    "tensorboard",
     "data",
     "optim",
     "device",
     "loop",
     "checkpoint",
+    "export",
+    "serving",
+    "dense_program",
     "migrate",
+    "migrate_rows",
+    "migrate_sharded",
+    "migrate_row_cache",
     "topology",
     "cost_model",
     "planner",
@@ -28,9 +37,17 @@ __all__ = [
     "prefetch",
     "config",
     "errors",
+    "feed_client",
+    "feed_reader",
     "fused_embedding",
     "sparse_optim",
     "sharded_optim",
     "step_strategy",
     "checkpoint_writer",
+    "model_base",
+    "first_order",
+    "dcn",
+    "linear_model",
+    "dense_norm",
+    "stability",
 ]

@@ -62,7 +62,7 @@ from trainer.row_optim import state_dim_of
 from trainer.sparse_optim import SparseOptimizerKind, SparseOptimizerSpec
 
 __all__ = ["CachedEmbeddingBagCollection", "RowCacheStats", "open_row_store", "build_cached_embeddings",
-           "cached_table_specs"]
+           "cached_table_specs", "row_cache_stats"]
 
 _STATE_FORMAT = 1
 
@@ -89,6 +89,21 @@ class RowCacheStats:
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
+def row_cache_stats(module: nn.Module | None) -> RowCacheStats | None:
+    """The cumulative ``stats`` of every ``CachedEmbeddingBagCollection`` in ``module`` (itself
+    or inside it, e.g. a sharded collection's cached tables on this rank), summed; None when
+    it holds none."""
+    if module is None:
+        return None
+    found = [m.stats for m in module.modules() if isinstance(m, CachedEmbeddingBagCollection)]
+    if not found:
+        return None
+    total = RowCacheStats()
+    for stats in found:
+        total.add(stats)
+    return total
 
 
 def open_row_store(path: str, tables: Sequence[TableSpec], optimizer: RowOptimizerKind,
@@ -131,7 +146,7 @@ class CachedEmbeddingBagCollection(nn.Module):
     """Sum-pooled embedding bags over SSD-resident tables with a per-table row cache."""
 
     capabilities = CollectionCapabilities(sparse_step=True, prefetch=True, flush=True,
-                                          own_checkpoint_state=True)
+                                          own_checkpoint_state=True, lr_scale=True)
 
     def __init__(self, tables: Sequence[TableSpec], store: RowStore, *,
                  cache_rows: int | Mapping[str, int], policy: RowCachePolicy = RowCachePolicy.LRU,
@@ -220,6 +235,11 @@ class CachedEmbeddingBagCollection(nn.Module):
         self._tier.sparse_step()
         self._dirty.index_fill_(0, pending[0].cpu(), True)
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Update with ``scale`` times ``learning_rate`` from the next ``sparse_step()`` on
+        (learning-rate warmup)."""
+        self._tier.set_lr_scale(scale)
+
     def prefetch(self, next_sparse: dict[str, Jagged]) -> None:
         """Start reading the rows of ``next_sparse`` that are not cached, in the background.
         Call it after ``forward`` of the current batch for overlap; harmless anywhere."""
@@ -255,6 +275,25 @@ class CachedEmbeddingBagCollection(nn.Module):
         self.last_step.add(step)
         self.stats.add(step)
         return version
+
+    @torch.no_grad()
+    def evict_all(self) -> None:
+        """Write every dirty cached row to the store without committing (undo-logged like any
+        eviction, so a crash rolls it back with the epoch) and empty the cache, dropping any
+        prefetched rows: afterwards the store alone holds every row, for a caller that
+        rewrites the store's rows (row migration at a mapping-version boundary)."""
+        self._bind()
+        if self._tier.pending_gradient is not None:
+            raise TrainerError("evict_all() with an embedding gradient pending: call sparse_step() first")
+        step = RowCacheStats()
+        self._keep_prefetch()  # its writes are done; its rows are about to change
+        self._prefetched = None
+        for name, cache in self._caches.items():
+            slots, rows = cache.dirty_rows()
+            self._queue_write_back(name, slots, rows, step)
+            cache.clear()
+        self._write_deferred()
+        self.stats.add(step)
 
     def checkpoint_state(self) -> dict:
         """What a checkpoint must hold to restore these tables: the store and its version.

@@ -43,13 +43,13 @@ from storage.atomic import atomic_write
 from trainer.checkpoint_writer import BackgroundCheckpointWriter
 from trainer.config import TrainSpec
 from trainer.data import Cursor
-from trainer.embedding import capabilities_of
+from trainer.embedding import capabilities_of, collections_of
 from trainer.errors import CheckpointError
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import model_shape
+from trainer.model import PRE_MODEL_KIND_SHAPE, model_shape
 
 __all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION",
-           "latest_checkpoint"]
+           "latest_checkpoint", "latest_sharded_checkpoint"]
 
 # 2: embeddings and dense layers with their own optimizers, plain tables fused in one buffer.
 FORMAT_VERSION = 2
@@ -67,8 +67,20 @@ class LoadedCheckpoint:
     counters: dict[str, Any]
 
 
-def _has_own_state(embeddings: nn.Module | None) -> bool:
-    return capabilities_of(embeddings).own_checkpoint_state
+def _own_state_collections(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's collections that checkpoint themselves, by attribute path."""
+    return {prefix: c for prefix, c in collections_of(model).items()
+            if capabilities_of(c).own_checkpoint_state}
+
+
+def _state_key(prefix: str) -> str:
+    """The blob key of a self-checkpointing collection's state: ``embeddings_state`` (as
+    format 2 has always written it), ``first_order.embeddings_state``."""
+    return f"{prefix}_state"
+
+
+def _outside(key: str, prefixes) -> bool:
+    return not any(key.startswith(p + ".") for p in prefixes)
 
 
 def _init_checkpoint_dir(manager, directory: str | os.PathLike[str], cfg: TrainSpec, keep: int) -> None:
@@ -113,6 +125,16 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
+def latest_sharded_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete sharded checkpoint directory in ``directory`` (None: none, or no
+    directory). Read-only, like ``latest_checkpoint``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = _sharded_dirs(directory)
+    return found[-1] if found else None
+
+
 class CheckpointManager:
     """Saves and restores checkpoints of one training run in ``directory`` (created if
     missing). Not safe for two trainers sharing a directory."""
@@ -146,16 +168,15 @@ class CheckpointManager:
         ``completed()``/``wait()`` has listed it. A collection with its own state
         (``checkpoint_state``, e.g. the SSD row store, whose files move on with training) is
         always written in the foreground, as is every save while ``background`` is False."""
-        embeddings = getattr(model, "embeddings", None)
-        state = model.state_dict()
+        own = _own_state_collections(model)
+        state = {k: v for k, v in model.state_dict().items() if _outside(k, own)}
         blob: dict[str, Any] = {**_run_state(self, cursor, counters, metrics),
                                  "optimizer": optimizer.state_dict()}
-        if _has_own_state(embeddings):
-            state = {k: v for k, v in state.items() if not k.startswith("embeddings.")}
-            blob["embeddings_state"] = embeddings.checkpoint_state()
+        for prefix, collection in own.items():
+            blob[_state_key(prefix)] = collection.checkpoint_state()
         blob["model"] = state
         path = self.directory / f"ckpt-{int(counters['trained_batches']):012d}.pt"
-        if background and not _has_own_state(embeddings):
+        if background and not own:
             self._writer.submit(path, blob, on_written=lambda _: self._prune())
             return path
         self._written += self._background_done(self._writer.wait)
@@ -215,15 +236,16 @@ class CheckpointManager:
         _check_format(path, blob.get("format_version"))
         _check_compatible(path, blob["model_shape"], blob["optimizer_kind"], self.shape,
                           self.optimizer_kind)
-        embeddings = getattr(model, "embeddings", None)
-        own = _has_own_state(embeddings)
-        if own != ("embeddings_state" in blob):
-            raise CheckpointError(
-                f"checkpoint {path} was written by a "
-                f"{'self-checkpointing' if 'embeddings_state' in blob else 'plain'} embedding "
-                f"collection, but the model now uses {type(embeddings).__name__}; "
-                "migrate the checkpoint or keep the placement"
-            )
+        own = _own_state_collections(model)
+        for prefix, collection in collections_of(model).items():
+            saved_own = _state_key(prefix) in blob
+            if (prefix in own) != saved_own:
+                raise CheckpointError(
+                    f"checkpoint {path} was written by a "
+                    f"{'self-checkpointing' if saved_own else 'plain'} {prefix} "
+                    f"collection, but the model now uses {type(collection).__name__}; "
+                    "migrate the checkpoint or keep the placement"
+                )
         try:
             metrics.load_state_dict(blob["metrics"])
         except ValueError as exc:
@@ -233,14 +255,14 @@ class CheckpointManager:
             ) from None
         try:
             result = model.load_state_dict(blob["model"], strict=False)
-            missing = [k for k in result.missing_keys if not (own and k.startswith("embeddings."))]
+            missing = [k for k in result.missing_keys if _outside(k, own)]
             if missing or result.unexpected_keys:
                 raise CheckpointError(
                     f"checkpoint {path} does not fit the model: missing {missing}, "
                     f"unexpected {list(result.unexpected_keys)}"
                 )
-            if own:
-                embeddings.load_checkpoint_state(blob["embeddings_state"])
+            for prefix, collection in own.items():
+                collection.load_checkpoint_state(blob[_state_key(prefix)])
             optimizer.load_state_dict(blob["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
@@ -266,15 +288,22 @@ def _check_format(path: Path, found: Any) -> None:
 
 def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape: dict,
                       optimizer_kind: str) -> None:
+    # A shape recorded before [model] existed is a DLRM without the first-order part.
+    legacy = "kind" not in saved_shape
+    saved_shape = {**PRE_MODEL_KIND_SHAPE, **saved_shape}
     if saved_shape != shape:
+        keys = list(shape) + [k for k in saved_shape if k not in shape]
         diffs = [
-            f"{k}: checkpoint {saved_shape.get(k)!r} vs config {v!r}"
-            for k, v in shape.items() if saved_shape.get(k) != v
+            f"{k}: checkpoint {saved_shape.get(k)!r} vs config {shape.get(k)!r}"
+            for k in keys if saved_shape.get(k) != shape.get(k)
         ]
+        hint = ("; it was written before [model] existed, by a DLRM without the first-order part: "
+                "resume it with [model] kind = \"dlrm\" and wide = false, or point "
+                "trainer.checkpoint_dir at a new directory" if legacy else
+                "; restore the old config or point trainer.checkpoint_dir at a new directory")
         raise CheckpointError(
             f"checkpoint {path} was trained with a differently shaped model ("
-            + "; ".join(diffs)
-            + "); restore the old config or point trainer.checkpoint_dir at a new directory"
+            + "; ".join(diffs) + ")" + hint
         )
     if saved_optimizer != optimizer_kind:
         raise CheckpointError(

@@ -1,4 +1,5 @@
-"""Config sections owned by ``trainer``: [trainer] (model shape, optimizer, loop),
+"""Config sections owned by ``trainer``: [trainer] (model shape, optimizer, loop), [model]
+(the model kind on top of the embeddings and its first-order part, ``ModelConfig``),
 [sharding] (how tables are placed across devices, ``trainer.planner``) and [row_cache]
 (SSD-backed rows behind a device cache, ``trainer.cached_embedding``).
 
@@ -39,6 +40,7 @@ import dataclasses
 import enum
 
 from storage.config import CacheConfig
+from storage.metrics_history import MIN_MAX_BYTES
 from transforms.config import SchemaConfig
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "OptimizerKind", "SparseOptimizerKind", "Precision", "EmbeddingDtype", "TrainerConfig",
     "ShardingConfig", "ShardingType", "DeviceKind", "CommPrecision",
     "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
+    "ModelKind", "CrossStructure", "ModelConfig",
 ]
 
 
@@ -116,6 +119,30 @@ class TrainerConfig:
     # Following the cache, train a partial batch once its first row has waited this long
     # (the cut is recorded in the cache, so resume stays exact); 0 = cut only full batches.
     max_batch_wait_ms: int = 0
+    # Stable training: both learning rates ramp linearly from lr/warmup_steps to lr over the
+    # first warmup_steps steps (0 = off); the dense layers' gradient is clipped to this L2
+    # norm before their step (0 = off). Embedding rows are not clipped (see README "Stable
+    # training": row-wise Adagrad's step does not grow with the gradient).
+    warmup_steps: int = 20
+    clip_grad_norm: float = 0.0
+    # Metrics history beside the checkpoints (checkpoint_dir/metrics-history.jsonl, read by
+    # headrace report): a record every history_every_s seconds of training (0 = at every
+    # progress report), the file thinned oldest-first to stay under history_max_bytes.
+    history_every_s: float = 10.0
+    history_max_bytes: int = 16 << 20
+    # Also write those scalars as TensorBoard events here ("" = off; needs the `report` extra);
+    # its event files share the history_max_bytes budget.
+    tensorboard_dir: str = ""
+    # Read training batches from these Arrow Flight feeds (`headrace feed` on the ingest
+    # hosts: "grpc://host:port" or "grpc+tls://host:port") instead of cache.path, merged
+    # round-robin by batch in this order (trainer.feed_reader); [] = the local cache.
+    feeds: tuple[str, ...] = ()
+    # The environment variable holding the bearer token the feeds expect ("" = none).
+    feed_token_env: str = ""
+    # PEM file of the CA that signed grpc+tls feeds' certificates ("" = the system's roots).
+    feed_tls_root_certs: str = ""
+    # How long an unreachable feed is retried (resuming from the cursor) before failing.
+    feed_retry_s: float = 60.0
 
     def __post_init__(self):
         if self.embedding_dim < 1:
@@ -135,9 +162,21 @@ class TrainerConfig:
             raise ValueError("threads must be >= 0 (0 = torch default)")
         if self.checkpoint_every_batches < 1:
             raise ValueError("checkpoint_every_batches must be >= 1")
+        if not 0 <= self.history_every_s < float("inf"):
+            raise ValueError(f"history_every_s must be a finite number >= 0 (0 = every progress report), "
+                             f"got {self.history_every_s}")
+        if self.history_max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"history_max_bytes must be >= {MIN_MAX_BYTES} (64 KiB: a few hundred records), "
+                             f"got {self.history_max_bytes}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (0 = no warmup), got {self.warmup_steps}")
+        if not 0 <= self.clip_grad_norm < float("inf"):
+            raise ValueError(f"clip_grad_norm must be a finite number >= 0 (0 = no clipping), "
+                             f"got {self.clip_grad_norm}")
         if self.max_batch_wait_ms < 0:
             raise ValueError(f"max_batch_wait_ms must be >= 0 (0 = train full batches only), "
                              f"got {self.max_batch_wait_ms}")
+        _check_feeds(self)
 
     @property
     def sparse_optimizer_kind(self) -> SparseOptimizerKind:
@@ -161,6 +200,92 @@ class TrainerConfig:
     @property
     def dense_lr(self) -> float:
         return self.dense_learning_rate if self.dense_learning_rate is not None else self.learning_rate
+
+
+class ModelKind(enum.Enum):
+    """What sits on top of the embeddings ([model] kind; trainer.model.build_model)."""
+
+    DLRM = "dlrm"  # pairwise dot interaction + top MLP (trainer.model.DLRM)
+    DCN_V2 = "dcn_v2"  # cross network + deep MLP (trainer.dcn.DCNv2)
+    LINEAR = "linear"  # the first-order part alone: online logistic regression (trainer.linear_model)
+
+
+class CrossStructure(enum.Enum):
+    """How DCN-V2 combines its cross network and deep MLP (Wang et al. 2021, figure 2)."""
+
+    STACKED = "stacked"  # x0 -> cross layers -> deep MLP -> logit
+    PARALLEL = "parallel"  # [cross(x0), deep(x0)] -> logit
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the model kind and its own knobs (shapes of the dense vector, MLPs and
+    embeddings stay in [trainer]).
+
+    ``wide``: a first-order part added to every kind's logit: a learned weight per id of every
+    sparse feature (1-wide embedding rows, the same rows as the feature's table, trained by the
+    sparse optimizer) plus a linear term on the dense features (trainer.first_order).
+    ``linear`` is that part alone, whatever ``wide`` says.
+
+    Example:
+        >>> ModelConfig(kind=ModelKind.DCN_V2, cross_rank=8).cross_layers
+        3
+    """
+
+    kind: ModelKind = ModelKind.DLRM
+    wide: bool = True
+    # Standardise the dense features online (running mean and variance of the samples seen so
+    # far) before any layer sees them: raw units (seconds, prices) otherwise blow up the first
+    # steps (trainer.dense_norm).
+    normalize_dense: bool = True
+    # Learning rate of the whole first-order part (its 1-wide rows under [trainer]
+    # sparse_optimizer, its dense weights and bias under dense_optimizer); None = the
+    # [trainer] sparse / dense rates like the rest of the model. 0.1 measured best of
+    # 0.05-0.2 with the other defaults (README "Tuning").
+    first_order_learning_rate: float | None = 0.1
+    cross_layers: int = 3  # dcn_v2: cross layers
+    cross_rank: int = 0  # dcn_v2: 0 = full-rank W; r > 0 = low-rank U V^T with inner size r
+    cross_structure: CrossStructure = CrossStructure.STACKED
+
+    def __post_init__(self):
+        if self.cross_layers < 1:
+            raise ValueError(f"cross_layers must be >= 1, got {self.cross_layers}")
+        if self.cross_rank < 0:
+            raise ValueError(f"cross_rank must be >= 0 (0 = full rank), got {self.cross_rank}")
+        lr = self.first_order_learning_rate
+        if lr is not None and not 0 < lr < float("inf"):
+            raise ValueError(f"first_order_learning_rate must be a finite number > 0, got {lr}")
+
+    @property
+    def has_first_order(self) -> bool:
+        """Whether the model has the first-order part (``wide``, or the linear kind)."""
+        return self.wide or self.kind is ModelKind.LINEAR
+
+    @property
+    def has_embeddings(self) -> bool:
+        """Whether the model has ``embedding_dim``-wide embeddings (every kind but linear)."""
+        return self.kind is not ModelKind.LINEAR
+
+
+_FEED_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls")
+
+
+def _check_feeds(t: TrainerConfig) -> None:
+    """[trainer] feeds: URLs a Flight client can dial, each once, and no setting that needs
+    the local cache."""
+    for url in t.feeds:
+        scheme, sep, rest = url.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if not sep or scheme not in _FEED_SCHEMES or not colon or not host or not port.isdigit():
+            raise ValueError(f"feeds: {url!r} is not a feed URL; expected grpc://HOST:PORT (or "
+                             "grpc+tls://HOST:PORT), the address `headrace feed` prints")
+    if len(set(t.feeds)) != len(t.feeds):
+        raise ValueError(f"feeds lists a feed twice: {list(t.feeds)} (its batches would be trained twice)")
+    if t.feeds and t.max_batch_wait_ms > 0:
+        raise ValueError(f"max_batch_wait_ms = {t.max_batch_wait_ms} records timed cuts in the local cache; "
+                         "a trainer reading feeds cuts full batches only: set it to 0")
+    if not 0 < t.feed_retry_s < float("inf"):
+        raise ValueError(f"feed_retry_s must be a finite number > 0, got {t.feed_retry_s}")
 
 
 class ShardingType(enum.Enum):
@@ -284,7 +409,7 @@ class TrainSpec:
     """Everything the trainer reads from config: the schema (which features, how many rows),
     its own sections, and the cache it trains from. ``engine`` builds one from the whole
     config tree (``HeadraceConfig.train_spec()``); code that uses the trainer without the
-    engine builds one directly. Trainer functions read only these five attributes, so any
+    engine builds one directly. Trainer functions read only these six attributes, so any
     object that has them (the engine's tree included) is accepted.
 
     Example:
@@ -299,3 +424,4 @@ class TrainSpec:
     sharding: ShardingConfig = ShardingConfig()
     row_cache: RowCacheConfig = RowCacheConfig()
     cache: CacheConfig = CacheConfig()
+    model: ModelConfig = ModelConfig()

@@ -42,6 +42,7 @@ from typing import Any
 from trainer.config import DeviceKind, TrainSpec
 from trainer.dist import DistContext, detect_device_kind
 from trainer.errors import TrainerConfigError
+from trainer.first_order import first_order_plan, first_order_spec, first_order_tables
 from trainer.loop import ContinuousTrainer
 from trainer.planner import Plan, plan_from_config
 from trainer.sharding import build_sharded_embeddings
@@ -66,22 +67,28 @@ class DistributedTrainer(ContinuousTrainer):
     broadcast), as are ``run()`` and every checkpoint: all ranks must construct and run it
     together with the same config.
 
-    Keyword arguments are those of ``ContinuousTrainer`` except ``embeddings``, ``device`` and
-    ``strategy``; ``on_progress`` is called on rank 0 only. The summary of ``run()`` adds
+    The first-order tables (``[model] wide``, or the linear kind) are sharded like the
+    embedding tables (``trainer.first_order.first_order_plan``), in a second sharded
+    collection. Keyword arguments are those of ``ContinuousTrainer`` except ``embeddings``,
+    ``first_order``, ``device`` and ``strategy``; ``on_progress`` is called on rank 0 only. The summary of ``run()`` adds
     ``world_size``, ``rank`` and ``plan`` (table -> sharding type).
     """
 
     def __init__(self, cfg: TrainSpec, cache_path: str | os.PathLike[str] | None = None, *,
                  ctx: DistContext, **kwargs: Any):
-        for taken in ("embeddings", "device", "strategy"):
+        for taken in ("embeddings", "first_order", "device", "strategy"):
             if taken in kwargs:
                 raise TypeError(f"DistributedTrainer builds its own {taken}; do not pass {taken}=")
         self.ctx = ctx
         self.plan = plan_for(cfg, ctx.world_size)
         strategy = DistributedStep(ctx, self.plan, pipeline=cfg.sharding.pipeline)  # collective
-        embeddings = build_sharded_embeddings(cfg, self.plan, ctx)  # collective
-        super().__init__(cfg, cache_path, embeddings=embeddings, device=ctx.device,
-                         strategy=strategy, **kwargs)
+        # collective, in this order on every rank
+        embeddings = build_sharded_embeddings(cfg, self.plan, ctx) if cfg.model.has_embeddings else None
+        first_order = build_sharded_embeddings(
+            first_order_spec(cfg), first_order_plan(self.plan), ctx,
+            tables=first_order_tables(cfg)) if cfg.model.has_first_order else None
+        super().__init__(cfg, cache_path, embeddings=embeddings, first_order=first_order,
+                         device=ctx.device, strategy=strategy, **kwargs)
 
 
 def require_sharding_for(cfg: TrainSpec, world_size: int) -> None:

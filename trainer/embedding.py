@@ -16,11 +16,14 @@ What a collection does besides ``forward`` it declares in ``capabilities``
 * ``flush``: ``flush()`` before a checkpoint writes what it holds back to its store.
 * ``own_checkpoint_state``: its rows are not in ``state_dict()``; a checkpoint stores
   ``checkpoint_state()`` and restores it with ``load_checkpoint_state(state)``.
+* ``lr_scale``: ``set_lr_scale(f)`` makes its sparse optimizer use ``f`` times its learning
+  rate from the next ``sparse_step()`` on (learning-rate warmup, ``trainer.stability``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,7 +34,7 @@ from transforms.config import SchemaConfig
 
 __all__ = [
     "TableSpec", "CollectionCapabilities", "EmbeddingCollection", "capabilities_of",
-    "EmbeddingBagCollection", "table_specs", "shared_dim", "init_rows",
+    "EmbeddingBagCollection", "table_specs", "shared_dim", "init_rows", "RowInit", "collections_of",
 ]
 
 
@@ -43,6 +46,7 @@ class CollectionCapabilities:
     prefetch: bool = False
     flush: bool = False
     own_checkpoint_state: bool = False
+    lr_scale: bool = False
 
 
 @runtime_checkable
@@ -65,13 +69,33 @@ def capabilities_of(collection: object) -> CollectionCapabilities:
     return getattr(collection, "capabilities", _NONE)
 
 
+def collections_of(model: nn.Module) -> dict[str, nn.Module]:
+    """Every embedding collection of a model, by its attribute path (the prefix of its keys in
+    ``model.state_dict()``, without the dot): what ``model.embedding_collections()`` declares
+    (the trainer's models: ``embeddings`` and ``first_order.embeddings``), else
+    ``{"embeddings": model.embeddings}`` for any other module with one collection."""
+    declared = getattr(model, "embedding_collections", None)
+    if declared is not None:
+        return dict(declared())
+    emb = getattr(model, "embeddings", None)
+    return {} if emb is None else {"embeddings": emb}
+
+
+class RowInit(enum.Enum):
+    """How a table's rows start (``init_rows``)."""
+
+    UNIFORM = "uniform"  # uniform in [-1/sqrt(rows), 1/sqrt(rows)], hashed per element
+    ZEROS = "zeros"  # all zero: first-order weights start as logistic regression's do
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-    """One embedding table: the feature it serves, its rows and dim."""
+    """One embedding table: the feature it serves, its rows and dim, and how its rows start."""
 
     name: str
     rows: int
     dim: int
+    init: RowInit = RowInit.UNIFORM
 
 
 def table_specs(schema: SchemaConfig, embedding_dim: int) -> list[TableSpec]:
@@ -131,8 +155,10 @@ def init_rows(table: TableSpec, rows: torch.Tensor, seed: int) -> torch.Tensor:
     has the same initial value wherever and whenever it is first created. The result lies on
     ``rows``' device and is bitwise the same on every device (integer hashing, then exact or
     correctly rounded fp32 ops; tests/trainer checks CUDA against the CPU), so large tables
-    can be initialised on the GPU.
+    can be initialised on the GPU. A ``RowInit.ZEROS`` table's rows are all zero.
     """
+    if table.init is RowInit.ZEROS:
+        return torch.zeros(rows.numel(), table.dim, device=rows.device)
     rows = rows.to(torch.int64)
     cols = torch.arange(table.dim, dtype=torch.int64, device=rows.device)
     name_salt = _stable_str_hash(table.name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from storage.errors import CheckpointError
 
-__all__ = ["TrainerError", "TrainerConfigError", "PlanError", "CheckpointError"]
+__all__ = ["TrainerError", "TrainerConfigError", "PlanError", "CheckpointError", "FeedError"]
 
 
 class TrainerError(Exception):
@@ -24,3 +24,15 @@ class TrainerConfigError(TrainerError):
 
 class PlanError(TrainerError):
     """No sharding plan fits; the message says by how much and what would make it fit."""
+
+
+class FeedError(TrainerError):
+    """Reading batches from an Arrow Flight feed (``[trainer] feeds``) failed: unreachable for
+    longer than ``[trainer] feed_retry_s`` (retriable: the next run resumes from the last
+    checkpoint's per-feed cursor), a rejected token, or a server that is not a headrace feed
+    of this version (not retriable). The message names the feed and the fix."""
+
+    def __init__(self, message: str, *, feed: str = "", retriable: bool = False):
+        super().__init__(message)
+        self.feed = feed
+        self.retriable = retriable

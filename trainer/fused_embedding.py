@@ -68,6 +68,7 @@ from trainer.sparse_optim import (
     SparseOptimizerSpec,
     apply_sparse_update_,
     init_state,
+    scaled_spec,
 )
 
 __all__ = ["FusedEmbeddingBagCollection", "FusedSparse"]
@@ -119,7 +120,7 @@ class FusedEmbeddingBagCollection(nn.Module):
     """
 
     # Rows and optimizer state are buffers, so they travel in state_dict(): no own checkpoint.
-    capabilities = CollectionCapabilities(sparse_step=True)
+    capabilities = CollectionCapabilities(sparse_step=True, lr_scale=True)
 
     def __init__(self, tables: Sequence[TableSpec], seed: int = 0, *,
                  optimizer: SparseOptimizerKind | SparseOptimizerSpec | str = SparseOptimizerKind.ROWWISE_ADAGRAD,
@@ -144,6 +145,7 @@ class FusedEmbeddingBagCollection(nn.Module):
         self.rounding_seed = self.seed if rounding_seed is None else int(rounding_seed)
         self.optimizer = (optimizer if isinstance(optimizer, SparseOptimizerSpec) else
                           SparseOptimizerSpec(optimizer, learning_rate, eps, betas))
+        self._step_spec = self.optimizer  # the optimizer with set_lr_scale's learning rate
         starts = [0]
         for t in self.tables:
             starts.append(starts[-1] + t.rows)
@@ -251,8 +253,13 @@ class FusedEmbeddingBagCollection(nn.Module):
         self._pending = None
         self._steps += 1
         self.step.fill_(self._steps)
-        apply_sparse_update_(self.optimizer, self.weights, self._state(), rows, grad,
+        apply_sparse_update_(self._step_spec, self.weights, self._state(), rows, grad,
                              step=self._steps, rounding_seed=self.rounding_seed)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Update with ``scale`` times ``optimizer.learning_rate`` from the next
+        ``sparse_step()`` on (learning-rate warmup); not saved in checkpoints."""
+        self._step_spec = scaled_spec(self.optimizer, scale)
 
     def discard_gradients(self) -> None:
         """Drop the pending gradient without updating (a skipped step)."""

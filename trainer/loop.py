@@ -7,10 +7,13 @@ batches): forward pass with the current parameters, whose detached logits are th
 embedding collection's ``sparse_step()`` when it has one. Scoring and training share the one
 forward pass; with no dropout or batch-norm in the DLRM this is exactly "score, then train".
 
-Embeddings: ``embeddings`` if given; else the SSD-backed ``CachedEmbeddingBagCollection``
-when ``[row_cache] enabled``; else the fused plain collection
+Model: ``[model] kind`` (``trainer.model.build_model``). Embeddings: ``embeddings`` /
+``first_order`` if given; else, for the embedding tables and the first-order part's 1-wide
+tables alike (``trainer.first_order``), the SSD-backed ``CachedEmbeddingBagCollection`` when
+``[row_cache] enabled``, else the fused plain collection
 (``trainer.model.fused_embeddings_from_config``: every table in one buffer, trained by
-``[trainer] sparse_optimizer``). The dense torch optimizer sees only ``nn.Parameter``s. A
+``[trainer] sparse_optimizer``). The dense torch optimizer sees only ``nn.Parameter``s.
+Learning rates warm up and dense gradients are clipped as ``trainer.stability`` says. A
 collection whose capabilities include ``prefetch`` gets the next training batch right after
 the current forward pass; the loop then reads one batch ahead (in follow mode a batch is
 trained once the next one is available, unless ``[trainer] max_batch_wait_ms`` cuts batches
@@ -23,6 +26,12 @@ batches and resumed produces the same parameters and metrics as an uninterrupted
 (bitwise on CPU, given the same thread count). The cache reader position registered for
 retention is the *checkpointed* cursor, so retention never drops a batch the trainer would
 need after a crash.
+
+Feeds: with ``[trainer] feeds`` the loop reads the merged Arrow Flight feeds of
+``trainer.feed_reader`` in place of the local cache (the same ``iter_batches`` contract, merged
+seqs in the cursor) and each checkpoint adds the per-feed cursor (``counters["feed_cursor"]``),
+so a resume continues every feed exactly where the checkpointed cursor is; a checkpoint of
+one kind never resumes the other.
 
 Stopping: ``stop`` is polled between batches and by the cache reader while it waits for new
 batches (follow mode), so the loop ends within the cache's poll interval; a checkpoint is then
@@ -58,10 +67,12 @@ from trainer.config import Precision, TrainSpec
 from trainer.data import BatchLayout, Cursor, TimedCuts, TrainingStream, TrainItem
 from trainer.device import resolve_device
 from trainer.errors import TrainerError
-from trainer.embedding import capabilities_of
+from trainer.embedding import CollectionCapabilities, capabilities_of, collections_of
+from trainer.first_order import dense_param_groups, first_order_spec, first_order_tables
 from trainer.live_metrics import LiveMetrics
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import DLRM, fused_embeddings_from_config
+from trainer.model import build_model, fused_embeddings_from_config, tables_from_config
+from trainer.stability import Warmup, clip_dense_gradients
 from trainer.step_strategy import LocalStep, StepStrategy
 from trainer.optim import build_optimizer, supports_sparse_gradients, use_sparse_gradients
 
@@ -97,6 +108,7 @@ class ContinuousTrainer:
                  follow: bool = False,
                  stop: Callable[[], bool] | threading.Event | None = None,
                  embeddings: nn.Module | None = None,
+                 first_order: nn.Module | None = None,
                  device: str | torch.device | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
                  on_mapping_change: MappingChangeHook | None = None,
@@ -127,24 +139,29 @@ class ContinuousTrainer:
         self.poll_interval_s = poll_interval_s
 
         t = cfg.trainer
-        if embeddings is None and cfg.row_cache.enabled and cfg.schema.sparse:
-            embeddings = _row_cached_embeddings(cfg, self.device)
-        if embeddings is None and cfg.schema.sparse:
-            embeddings = fused_embeddings_from_config(cfg, self.device)
-        self.model = DLRM.from_config(cfg, embeddings).to(self.device)
-        if self.model.embeddings is not None and supports_sparse_gradients(t.dense_optimizer_kind):
+        if embeddings is None and first_order is None:
+            embeddings, first_order = _placed_collections(cfg, self.device)
+        self.model = build_model(cfg, embeddings, first_order).to(self.device)
+        # The embedding collections (rows, and the first-order part's 1-wide rows) the step
+        # prefetches, steps and flushes.
+        self.collections = list(collections_of(self.model).values())
+        if supports_sparse_gradients(t.dense_optimizer_kind):
             # A collection of torch embedding modules passed in (whose parameters the dense
             # optimizer trains) gets sparse gradients; collections that update their own rows
             # (sparse_step) have no such modules and are unaffected.
-            use_sparse_gradients(self.model.embeddings)
+            for collection in self.collections:
+                use_sparse_gradients(collection)
         # The dense optimizer sees only nn.Parameters: fused, cached and sharded tables keep
         # their rows in buffers and update them in sparse_step() with their own optimizer.
-        self.optimizer = build_optimizer(t.dense_optimizer_kind, self.model.parameters(), t.dense_lr)
+        self.optimizer = build_optimizer(t.dense_optimizer_kind, dense_param_groups(self.model, cfg), t.dense_lr)
         self.autocast_dtype = _configure_precision(t.precision, self.device)
         self.metrics = ProgressiveMetrics(cfg.trainer.metrics_window)
         self.live = LiveMetrics(cfg.trainer.metrics_window if live_metrics else None)
         self.strategy: StepStrategy = strategy if strategy is not None else LocalStep()
-        self.caps = capabilities_of(self.model.embeddings)
+        self.caps = _joint_capabilities(self.collections)
+        # The first-order part is not warmed up (trainer.stability says why).
+        self.warmup = Warmup(t.warmup_steps, self.optimizer, [
+            c for prefix, c in collections_of(self.model).items() if not prefix.startswith("first_order.")])
         self.checkpoints = self.strategy.checkpoint_manager(cfg, keep_checkpoints)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # Totals since the first run of this checkpoint lineage.
@@ -154,6 +171,10 @@ class ContinuousTrainer:
         self.cursor = Cursor()
         self._pending_reader_seq: dict = {}  # checkpoint path -> its cursor seq, until durable
         self._ran = False
+        # [trainer] feeds: the merged feeds read in place of the local cache, and the per-feed
+        # cursor the restored checkpoint recorded (trainer.feed_reader).
+        self._feeds: Any = None
+        self._feed_position: dict | None = None
         # What the step calls for the forward pass: the model itself, or its DDP wrapper
         # (``self.model`` stays the bare DLRM either way).
         self.forward_model: nn.Module = self.strategy.forward_model(self.model)
@@ -166,11 +187,14 @@ class ContinuousTrainer:
     # -- pieces -------------------------------------------------------------------------
 
     def _counters(self) -> dict[str, Any]:
-        return {
+        counters = {
             "trained_batches": self.total_batches,
             "trained_samples": self.total_samples,
             "mapping_version": self.mapping_version,
         }
+        if self._feeds is not None:
+            counters["feed_cursor"] = self._feeds.checkpoint_state(self.cursor.seq)
+        return counters
 
     def _restore(self) -> LoadedCheckpoint | None:
         loaded = self.checkpoints.load(self.model, self.optimizer, self.metrics)
@@ -180,14 +204,16 @@ class ContinuousTrainer:
             self.total_samples = int(loaded.counters["trained_samples"])
             mv = loaded.counters.get("mapping_version")
             self.mapping_version = None if mv is None else int(mv)
+            self._feed_position = loaded.counters.get("feed_cursor")
         return loaded
 
     def _save(self, cache: BatchCache, background: bool = False) -> str:
         """Checkpoint now (in the background when asked and possible). The cache reader
         position registered for retention moves to this checkpoint's cursor only once the
         checkpoint is durable (``_register_durable``)."""
-        if self.caps.flush:
-            self.model.embeddings.flush()
+        for collection in self.collections:
+            if capabilities_of(collection).flush:
+                collection.flush()
         path = self.checkpoints.save(self.model, self.optimizer, cursor=self.cursor,
                                      metrics=self.metrics, counters=self._counters(),
                                      background=background)
@@ -202,8 +228,32 @@ class ContinuousTrainer:
             cache.set_reader_position(READER_NAME, max(seqs))
 
     def _open_cache(self) -> BatchCache:
+        if self.cfg.trainer.feeds:
+            return self._open_feeds()
+        if self._feed_position is not None:
+            raise TrainerError(
+                f"the checkpoint in {self.cfg.trainer.checkpoint_dir!r} was written reading feeds "
+                f"{self._feed_position['feeds']}; its cursor means nothing in the local cache: set "
+                "[trainer] feeds back, or start a new checkpoint_dir")
         return self.strategy.open_cache(self._open_writable, lambda: self._cache_from_config(readonly=True),
                                         self.cache_path)
+
+    def _open_feeds(self) -> Any:
+        """The merged ``[trainer] feeds`` (``trainer.feed_reader.FeedReader``), positioned at
+        the restored checkpoint's per-feed cursor; a bounded read fixes each feed's end here,
+        as rank 0 sees it, on every rank."""
+        from trainer.feed_reader import FeedReader, MergePosition
+
+        if self._feed_position is None and self.cursor != Cursor():
+            raise TrainerError(
+                f"the checkpoint in {self.cfg.trainer.checkpoint_dir!r} was written reading the local cache "
+                f"(cursor {self.cursor.to_dict()}); a trainer reading [trainer] feeds cannot resume it: "
+                "start a new checkpoint_dir, or empty [trainer] feeds")
+        position = None if self._feed_position is None else MergePosition.from_dict(self._feed_position)
+        self._feeds = FeedReader.for_trainer(self.cfg.trainer, position)
+        if not self.follow:
+            self._feeds.fix_ends(self.strategy.agree_from_main)
+        return self._feeds
 
     def _open_writable(self) -> BatchCache:
         # Opened writable because registering the reader position is a (tiny) write; the
@@ -226,23 +276,29 @@ class ContinuousTrainer:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``batch`` (already on the device); returns the (detached) pre-update
         logits and the loss of the whole training batch (``StepStrategy.global_scores``). ``upcoming`` is
-        handed to the collection's ``prefetch`` right after the forward pass, so its rows/ids
-        travel while this step computes."""
+        handed to the collections' ``prefetch`` right after the forward pass, so its rows/ids
+        travel while this step computes. Learning rates follow the warmup, dense gradients
+        are clipped (``trainer.stability``)."""
         self.model.train()
+        self.warmup.apply(self.total_batches)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             logits = self.forward_model(batch.dense, batch.sparse).float()
         if upcoming is not None:
-            self.model.embeddings.prefetch(upcoming.sparse)
+            for collection in self.collections:
+                if capabilities_of(collection).prefetch:
+                    collection.prefetch(upcoming.sparse)
         loss = self.strategy.scaled_loss(self.loss_fn(logits, batch.labels), global_rows)
         loss.backward()
+        clip_dense_gradients(self.model.parameters(), self.cfg.trainer.clip_grad_norm)
         # Sparse embedding gradients are built by autograd itself, so torch's invariant
         # checks would only cost time; opting out explicitly also silences its warning.
         with torch.sparse.check_sparse_tensor_invariants(enable=False):
             self.optimizer.step()
-        if self.caps.sparse_step:
-            self.model.embeddings.sparse_step()
+        for collection in self.collections:
+            if capabilities_of(collection).sparse_step:
+                collection.sparse_step()
         return self.strategy.global_scores(logits.detach(), loss.detach(), global_rows)
 
     # -- the loop -----------------------------------------------------------------------
@@ -254,6 +310,7 @@ class ContinuousTrainer:
         ``total_trained_samples`` / ``total_trained_batches`` (checkpoint lineage), the
         metrics of ``ProgressiveMetrics.summary()`` (``auc``, ``logloss``, ``window_auc``, ...),
         ``samples_per_s``, ``elapsed_s``, ``data_wait_s`` (time blocked on the data stream),
+        ``row_cache`` (``RowCacheStats.to_json()``: hit rate, bytes moved; with an SSD row cache),
         ``cursor``, ``stop_reason``, ``device``, ``resumed_from`` and ``checkpoint``.
         """
         if self._ran:
@@ -426,8 +483,13 @@ class ContinuousTrainer:
 
     def _progress(self, run_samples: int, elapsed_s: float, samples_per_s: float,
                   data_wait_s: float) -> dict[str, Any]:
+        from trainer.cached_embedding import row_cache_stats
+
         summary = self.metrics.summary()
         summary.pop("samples", None)
+        row_cache = row_cache_stats(self.model)
+        if row_cache is not None:  # hit rate and bytes moved of the SSD row cache (this rank's tables)
+            summary["row_cache"] = row_cache.to_json()
         return {
             "trained_samples": run_samples,
             "total_trained_samples": self.total_samples,
@@ -443,19 +505,40 @@ class ContinuousTrainer:
         }
 
 
-def _row_cached_embeddings(cfg: TrainSpec, device: torch.device) -> nn.Module:
-    """The SSD-backed collection ``[row_cache] enabled = true`` asks for. The DLRM takes one
-    collection serving every sparse feature, so all of them must be cached."""
-    from trainer.cached_embedding import build_cached_embeddings
+def _placed_collections(cfg: TrainSpec, device: torch.device) -> tuple[nn.Module | None, nn.Module | None]:
+    """The embedding collection and the first-order one (``[model]`` says which exist) of a
+    single process, built by one factory: SSD row-cached when ``[row_cache] enabled``, else
+    fused in memory. The model takes one collection serving every sparse feature, so a row
+    cache must hold all of them."""
+    if not cfg.schema.sparse:
+        return None, None
+    if cfg.row_cache.enabled:
+        from trainer.cached_embedding import build_cached_embeddings
 
-    names = [s.name for s in cfg.schema.sparse]
-    if cfg.row_cache.tables and sorted(cfg.row_cache.tables) != sorted(names):
-        raise TrainerError(
-            f"row_cache.tables = {list(cfg.row_cache.tables)} caches only some sparse features; "
-            f"the continuous trainer needs all of them ({names}) in one collection: leave "
-            "row_cache.tables empty (cache every table) or disable [row_cache]"
-        )
-    return build_cached_embeddings(cfg, device=device)
+        names = [s.name for s in cfg.schema.sparse]
+        if cfg.row_cache.tables and sorted(cfg.row_cache.tables) != sorted(names):
+            raise TrainerError(
+                f"row_cache.tables = {list(cfg.row_cache.tables)} caches only some sparse features; "
+                f"the continuous trainer needs all of them ({names}) in one collection: leave "
+                "row_cache.tables empty (cache every table) or disable [row_cache]"
+            )
+
+        def build(spec, tables):
+            return build_cached_embeddings(spec, tables, device=device)
+    else:
+        def build(spec, tables):
+            return fused_embeddings_from_config(spec, device, tables)
+    embeddings = build(cfg, tables_from_config(cfg)) if cfg.model.has_embeddings else None
+    first_order = build(first_order_spec(cfg), first_order_tables(cfg)) if cfg.model.has_first_order else None
+    return embeddings, first_order
+
+
+def _joint_capabilities(collections: list[nn.Module]) -> CollectionCapabilities:
+    """What any of ``collections`` does besides ``forward`` (the loop then calls it on those
+    that declare it)."""
+    caps = [capabilities_of(c) for c in collections]
+    return CollectionCapabilities(**{f: any(getattr(c, f) for c in caps)
+                                     for f in CollectionCapabilities.__dataclass_fields__})
 
 
 def _configure_precision(precision: Precision, device: torch.device) -> torch.dtype | None:

@@ -17,43 +17,54 @@ each id survives the change:
   lookups for weights.
 
 Only ids in the statistics move; everything is done in place (same table shapes: a
-mapping version never changes a table's row count), in chunks of ``chunk_ids`` ids so
-memory stays ``O(rows * dim + chunk_ids * dim)``. Deterministic for fixed inputs.
+mapping version never changes a table's row count), in chunks of ``chunk_ids`` ids.
+Deterministic for fixed inputs: the statistics are those the new version was fitted on
+(``storage.migration_stats``), so a run resumed from a checkpoint taken before the boundary
+migrates to the same rows.
 
-Where the tables are (``model_tables`` in a live model: the fused collection's per-table
-views of its buffer and optimizer state, or a plain collection's ``nn.EmbeddingBag`` weights
-and their torch optimizer state; ``checkpoint_tables`` in the newest checkpoint, for a
-learned fit's id vectors) is decided here, next to the migration that rewrites them, so
-callers never name state-dict keys.
+Where the rows live decides how they move (``migrate_model``), for every embedding collection
+of the model (``embedding_collections``: the ``embedding_dim``-wide tables and the first-order
+part's 1-wide ones alike); the arithmetic is ``trainer.migrate_rows`` for all of them:
+
+* in memory (plain ``nn.EmbeddingBag``s with their torch optimizer state, fused tables with
+  their row-wise state, replicated tables): rewritten in place (``migrate_table``);
+* sharded across ranks (``trainer.migrate_sharded``): each rank's shards send partial sums
+  of the new rows to the shards those rows belong to, in one all-to-all;
+* on SSD behind the row cache (``trainer.migrate_row_cache``): rewritten in the row store
+  through its undo log, the cache emptied first; a crash rolls the migration back with the
+  uncommitted epoch and the resumed trainer migrates again.
+
+``model_tables`` gives the in-memory tables of a live model; ``checkpoint_tables`` those of
+the newest checkpoint, for a learned fit's id vectors. Both are decided here, next to the
+migration that rewrites them, so callers never name state-dict keys.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from trainer.cached_embedding import CachedEmbeddingBagCollection
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainSpec
-from trainer.embedding import EmbeddingBagCollection
+from trainer.embedding import EmbeddingBagCollection, collections_of
 from trainer.errors import TrainerError
 from trainer.fused_embedding import FusedEmbeddingBagCollection
+from trainer.migrate_row_cache import migrate_row_cache
+from trainer.migrate_rows import MapperLike, MigrationInputs, TensorBlock, migrate_block
+from trainer.migrate_sharded import migrate_sharded
+from trainer.sharded_embedding import ShardedEmbeddingCollection
 
-__all__ = ["MapperLike", "migrate_table", "migrate_model", "model_tables", "checkpoint_tables"]
+__all__ = ["MapperLike", "migrate_table", "migrate_model", "model_tables", "checkpoint_tables",
+           "embedding_collections"]
 
-
-class MapperLike(Protocol):
-    rows: int
-    lookups: int
-
-    def map(self, ids: np.ndarray) -> np.ndarray: ...
-
-
-def _rows(mapper: MapperLike, ids: np.ndarray) -> torch.Tensor:
-    r = np.asarray(mapper.map(ids))
-    return torch.from_numpy(np.ascontiguousarray(r.reshape(-1, ids.shape[0]))).to(torch.int64)
+#: Collections whose rows ``migrate_model`` knows how to reach (it does not look inside them).
+_MIGRATABLE = (FusedEmbeddingBagCollection, EmbeddingBagCollection, ShardedEmbeddingCollection,
+               CachedEmbeddingBagCollection)
 
 
 @torch.no_grad()
@@ -63,6 +74,12 @@ def migrate_table(weight: torch.Tensor, states: list[torch.Tensor], old: MapperL
     state row per table row) in place for the change ``old`` -> ``new`` mapping, using ids
     with access ``counts`` (see module docstring). ``weight``'s rows must equal both mappers'
     rows."""
+    _check_shapes(weight, states, old, new)
+    migrate_block(TensorBlock([weight] + list(states)),
+                   MigrationInputs.from_stats(old, new, ids, counts, chunk_ids))
+
+
+def _check_shapes(weight: torch.Tensor, states: list[torch.Tensor], old: MapperLike, new: MapperLike) -> None:
     if weight.dim() != 2 or weight.shape[0] != old.rows or old.rows != new.rows:
         raise TrainerError(
             f"row migration: table shape {tuple(weight.shape)} must be [rows, dim] with rows equal to "
@@ -72,43 +89,6 @@ def migrate_table(weight: torch.Tensor, states: list[torch.Tensor], old: MapperL
         if s.dim() not in (1, 2) or s.shape[0] != weight.shape[0]:
             raise TrainerError(f"row migration: optimizer state {tuple(s.shape)} has not one row per "
                                f"table row ({weight.shape[0]})")
-    # [rows] state (one value per row) as a [rows, 1] view: written through in place
-    states = [s.unsqueeze(1) if s.dim() == 1 else s for s in states]
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    # a floor so ids counted zero times still move; keeps every weight positive
-    w_all = torch.from_numpy(np.asarray(counts, dtype=np.float64)).clamp_min(0.0) + 1e-6
-    rows = weight.shape[0]
-    dev = weight.device
-    tensors = [weight] + list(states)
-    num = [torch.zeros(rows, t.shape[1], dtype=torch.float64, device=dev) for t in tensors]
-    glob = [torch.zeros(t.shape[1], dtype=torch.float64, device=dev) for t in tensors]
-    den = torch.zeros(rows, dtype=torch.float64, device=dev)
-    total = 0.0
-    for lo in range(0, ids.shape[0], chunk_ids):
-        chunk = ids[lo:lo + chunk_ids]
-        w = w_all[lo:lo + chunk_ids].to(dev)
-        old_rows = _rows(old, chunk).to(dev)
-        new_rows = _rows(new, chunk).to(dev)
-        for t, (src, acc) in enumerate(zip(tensors, num)):
-            value = sum(src[r].to(torch.float64) for r in old_rows)
-            if t > 0:
-                value = value / old_rows.shape[0]  # state: mean of the old rows, not their sum
-            weighted = value * w[:, None]
-            glob[t] += weighted.sum(dim=0)
-            for r in new_rows:
-                acc.index_add_(0, r, weighted)
-        for r in new_rows:
-            den.index_add_(0, r, w)
-        total += float(w.sum())
-    lookups = float(new.lookups)
-    members = den > 0
-    for t, (dst, acc) in enumerate(zip(tensors, num)):
-        out = torch.empty(rows, dst.shape[1], dtype=torch.float64, device=dev)
-        out[members] = acc[members] / den[members][:, None]
-        out[~members] = (glob[t] / total) if total > 0 else dst[~members].to(torch.float64)
-        if t == 0:
-            out /= lookups
-        dst.copy_(out.to(dst.dtype))
 
 
 def model_tables(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -116,8 +96,13 @@ def model_tables(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     """``{feature: (table rows [rows, dim], [optimizer state with one row per table row])}``
     of ``model.embeddings``, as tensors that write through to the model: the fused
     collection's views into its buffer and state, or a plain collection's ``nn.EmbeddingBag``
-    weights and the state ``optimizer`` keeps for them."""
-    emb = getattr(model, "embeddings", model)  # a DLRM, or a collection itself
+    weights and the state ``optimizer`` keeps for them. Sharded and SSD-cached collections
+    have no such whole-table tensors (``migrate_model`` migrates them where their rows are)."""
+    return _in_memory_tables(getattr(model, "embeddings", model), optimizer)  # a DLRM, or a collection
+
+
+def _in_memory_tables(emb: nn.Module, optimizer: torch.optim.Optimizer | None
+                      ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
     if isinstance(emb, FusedEmbeddingBagCollection):
         out = {}
         for t, start in zip(emb.tables, emb.table_starts):
@@ -132,10 +117,18 @@ def model_tables(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
             out[name] = (weight.data, [v for v in st.values() if torch.is_tensor(v) and v.shape == weight.shape])
         return out
     raise TrainerError(
-        f"row migration supports the plain (fused) embedding collection; {type(emb).__name__} "
-        "keeps its rows elsewhere (sharded or SSD-cached). Disable the periodic re-fit "
-        "([hash] refit_every_s = 0) for this placement"
+        f"{type(emb).__name__} keeps no whole tables in memory (sharded or SSD-cached); "
+        "trainer.migrate.migrate_model migrates its rows where they are"
     )
+
+
+def embedding_collections(model: nn.Module) -> list[nn.Module]:
+    """Every embedding collection of ``model`` (``trainer.embedding.collections_of``: the
+    ``embedding_dim``-wide rows and the first-order part's 1-wide rows), or ``model`` itself
+    when it is a collection."""
+    if isinstance(model, _MIGRATABLE):
+        return [model]
+    return list(collections_of(model).values())
 
 
 def _checkpoint_table_rows(state: Mapping[str, Any], spec: TrainSpec) -> dict[str, torch.Tensor]:
@@ -170,18 +163,46 @@ def checkpoint_tables(spec: TrainSpec) -> tuple[dict[str, np.ndarray], int | Non
 
 def migrate_model(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                   old: Mapping[str, MapperLike], new: Mapping[str, MapperLike],
-                  stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """Migrate every feature whose mapper changed (``old[f]`` vs ``new[f]`` differ or are
-    different objects) using ``stats[f] = (ids, counts)``; optimizer state of those tables
-    is migrated likewise. Returns ``{feature: ids_moved}`` for the migrated features."""
+                  stats: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                  chunk_ids: int = 1 << 20) -> dict[str, Any]:
+    """Migrate every table, in every embedding collection of ``model``
+    (``embedding_collections``), whose feature's mapper changed (``old[f]`` vs ``new[f]``
+    differ or are different objects) using ``stats[f] = (ids, counts)``; optimizer state of
+    those tables is migrated likewise. Returns ``{feature: ids_moved}`` for the migrated
+    features.
+
+    Where the rows are decides how: in memory (plain, fused, replicated tables) in place;
+    a sharded collection's shards with one exchange between its ranks
+    (``trainer.migrate_sharded``: collective, every rank calls this with the same mappings
+    and statistics); an SSD-cached collection's tables in its row store through the store's
+    undo log (``trainer.migrate_row_cache``)."""
     report: dict[str, Any] = {}
-    for feature, (weight, states) in model_tables(model, optimizer).items():
-        if feature not in old or feature not in new:
-            raise TrainerError(f"row migration: mapping sets lack feature {feature!r}")
-        o, n = old[feature], new[feature]
-        if o is n or o == n:
+    empty = (np.zeros(0, np.int64), np.zeros(0))
+    for collection in embedding_collections(model):
+        jobs: dict[str, MigrationInputs] = {}
+        for feature in collection.feature_names:
+            if feature not in old or feature not in new:
+                raise TrainerError(f"row migration: mapping sets lack feature {feature!r}")
+            o, n = old[feature], new[feature]
+            if o is n or o == n:
+                continue
+            ids, counts = stats.get(feature, empty)
+            jobs[feature] = MigrationInputs.from_stats(o, n, ids, counts, chunk_ids)
+            report[feature] = int(np.asarray(ids).shape[0])
+        if not jobs:
             continue
-        ids, counts = stats.get(feature, (np.zeros(0, np.int64), np.zeros(0)))
-        migrate_table(weight, states, o, n, ids, counts)
-        report[feature] = int(np.asarray(ids).shape[0])
+        if isinstance(collection, ShardedEmbeddingCollection):
+            migrate_sharded(collection, jobs)
+        elif isinstance(collection, CachedEmbeddingBagCollection):
+            migrate_row_cache(collection, jobs)
+        elif not isinstance(collection, _MIGRATABLE):
+            raise TrainerError(
+                f"row migration cannot reach the rows of embedding collection {type(collection).__name__}; "
+                "use a plain, fused, sharded or row-cached collection, or keep the mapping fixed "
+                "([hash] refit_every_s = 0)")
+        else:
+            for feature, (weight, states) in _in_memory_tables(collection, optimizer).items():
+                if feature in jobs:
+                    _check_shapes(weight, states, jobs[feature].old, jobs[feature].new)
+                    migrate_block(TensorBlock([weight] + list(states)), jobs[feature])
     return report

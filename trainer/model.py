@@ -1,43 +1,52 @@
-"""DLRM: bottom MLP over dense features, pooled embeddings, pairwise dot interaction, top MLP.
+"""DLRM: bottom MLP over dense features, pooled embeddings, pairwise dot interaction, top MLP;
+the model kinds (``build_model``) and the factories and shape records every kind shares.
 
 The model is ``logit = top([d, triu(T T^T)])`` where ``d = bottom(dense)`` is ``[B, D]``,
 ``T = [d, e_1 .. e_F]`` stacks the dense vector and the F pooled embeddings (``[B, F+1, D]``)
 and ``triu`` keeps the strictly upper triangle (i < j, no diagonal), so the top MLP sees
 ``D + (F+1)F/2`` inputs. Without dense features the dense vector is left out of ``T`` and of
 the concatenation; without sparse features the interaction is empty and ``top(d)`` remains.
+With ``[model] wide = true`` (the default) the first-order part
+(``trainer.first_order.FirstOrder``) is added to that logit.
 
 The embedding collection is the submodule ``embeddings``; anything implementing the
 ``trainer.embedding`` interface (``forward({feature: Jagged}) -> [B, F, D]``,
 ``feature_names``, ``dim``) can be passed in, which is how sharded and SSD-cached
-collections replace the plain one.
+collections replace the plain one. The first-order rows are another collection
+(``first_order.embeddings``), passed as ``first_order=`` (see ``trainer.model_base``).
+
+Model kinds (``[model] kind``): ``dlrm`` (this module), ``dcn_v2`` (``trainer.dcn``),
+``linear`` (``trainer.linear_model``); every kind has ``from_config(cfg, embeddings=None,
+first_order=None)`` and ``forward(dense, sparse) -> [B]`` logits.
 
 Example:
     >>> from transforms.config import DenseFeature, SchemaConfig, SparseFeature
     >>> spec = TrainSpec(SchemaConfig(dense=(DenseFeature("x"),), sparse=(SparseFeature("u", rows=10),)))
     >>> model = DLRM.from_config(spec)
-    >>> model.embeddings.feature_names
-    ('u',)
+    >>> model.embeddings.feature_names, sorted(model.embedding_collections())
+    (('u',), ['embeddings', 'first_order.embeddings'])
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from trainer.batch import Jagged
-from trainer.config import EmbeddingDtype, TrainSpec
-from trainer.embedding import EmbeddingBagCollection, EmbeddingCollection, TableSpec, table_specs
+from trainer.config import EmbeddingDtype, ModelKind, TrainSpec
+from trainer.embedding import TableSpec, table_specs
 from trainer.errors import TrainerError
+from trainer.first_order import FirstOrder, first_order_tables
 from trainer.fused_embedding import FusedEmbeddingBagCollection
+from trainer.model_base import CTRModel, build_logit_mlp, build_mlp, check_collection
 
 __all__ = [
-    "DLRM", "build_mlp", "tables_from_config", "fused_embeddings_from_config", "model_shape",
-    "model_fingerprint", "EMBEDDING_TORCH_DTYPES",
+    "DLRM", "build_mlp", "build_model", "tables_from_config", "fused_embeddings_from_config",
+    "model_shape", "model_fingerprint", "EMBEDDING_TORCH_DTYPES", "PRE_MODEL_KIND_SHAPE",
 ]
 
 #: ``[trainer] embedding_dtype`` -> the torch dtype of the rows.
@@ -45,28 +54,8 @@ EMBEDDING_TORCH_DTYPES = {
     EmbeddingDtype.FP32: torch.float32, EmbeddingDtype.FP16: torch.float16, EmbeddingDtype.BF16: torch.bfloat16,
 }
 
-
-def build_mlp(in_features: int, sizes: tuple[int, ...] | list[int], generator: torch.Generator,
-              *, final_activation: bool) -> nn.Sequential:
-    """Linear layers of the given output sizes with ReLU between them (and after the last one
-    when ``final_activation``). Weights ~ N(0, 2/(fan_in+fan_out)) (Glorot normal, as the DLRM
-    reference), biases ~ N(0, 1/fan_out), all drawn from ``generator`` in layer order, so the
-    same generator state gives the same layers on every machine and device."""
-    layers: list[nn.Module] = []
-    fan_in = in_features
-    for i, fan_out in enumerate(sizes):
-        if fan_out < 1:
-            raise TrainerError(f"MLP layer {i} must have >= 1 units, got {fan_out}")
-        lin = nn.Linear(fan_in, fan_out)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(fan_out, fan_in, generator=generator)
-                             * math.sqrt(2.0 / (fan_in + fan_out)))
-            lin.bias.copy_(torch.randn(fan_out, generator=generator) * math.sqrt(1.0 / fan_out))
-        layers.append(lin)
-        if i < len(sizes) - 1 or final_activation:
-            layers.append(nn.ReLU())
-        fan_in = fan_out
-    return nn.Sequential(*layers)
+#: What a ``model_shape`` recorded before [model] existed meant: a DLRM without first-order part.
+PRE_MODEL_KIND_SHAPE = {"kind": ModelKind.DLRM.value, "wide": False, "normalize_dense": False}
 
 
 def tables_from_config(cfg: TrainSpec) -> list[TableSpec]:
@@ -74,28 +63,41 @@ def tables_from_config(cfg: TrainSpec) -> list[TableSpec]:
     return table_specs(cfg.schema, cfg.trainer.embedding_dim)
 
 
-def fused_embeddings_from_config(cfg: TrainSpec, device: torch.device | str | None = None
-                                 ) -> FusedEmbeddingBagCollection:
-    """Every sparse feature's table in one ``FusedEmbeddingBagCollection`` on ``device``,
-    trained by ``[trainer] sparse_optimizer`` at ``sparse_learning_rate``, rows stored as
-    ``embedding_dtype``: the plain (single-process, in-memory) placement."""
+def fused_embeddings_from_config(cfg: TrainSpec, device: torch.device | str | None = None,
+                                 tables: list[TableSpec] | None = None) -> FusedEmbeddingBagCollection:
+    """Every sparse feature's table (or ``tables``, e.g. the first-order ones of
+    ``trainer.first_order.first_order_tables``) in one ``FusedEmbeddingBagCollection`` on
+    ``device``, trained by ``[trainer] sparse_optimizer`` at ``sparse_learning_rate``, rows
+    stored as ``embedding_dtype``: the plain (single-process, in-memory) placement."""
     t = cfg.trainer
     return FusedEmbeddingBagCollection(
-        tables_from_config(cfg), seed=t.seed, optimizer=t.sparse_optimizer_kind.value,
-        learning_rate=t.sparse_lr, embedding_dtype=EMBEDDING_TORCH_DTYPES[t.embedding_dtype],
-        device=device)
+        tables_from_config(cfg) if tables is None else tables, seed=t.seed,
+        optimizer=t.sparse_optimizer_kind.value, learning_rate=t.sparse_lr,
+        embedding_dtype=EMBEDDING_TORCH_DTYPES[t.embedding_dtype], device=device)
 
 
 def model_shape(cfg: TrainSpec) -> dict[str, Any]:
     """The config fields that decide parameter shapes (and so whether a checkpoint fits)."""
-    t = cfg.trainer
-    return {
+    t, m = cfg.trainer, cfg.model
+    shape: dict[str, Any] = {
+        "kind": m.kind.value,
+        "wide": m.has_first_order,
+        "normalize_dense": m.normalize_dense,
         "dense": [d.name for d in cfg.schema.dense],
+    }
+    if not m.has_embeddings:
+        shape["sparse"] = [[s.name, s.rows, s.dim] for s in first_order_tables(cfg)]
+        return shape
+    shape.update({
         "sparse": [[s.name, s.rows, s.dim] for s in tables_from_config(cfg)],
         "embedding_dim": t.embedding_dim,
         "bottom_mlp": list(t.bottom_mlp),
         "top_mlp": list(t.top_mlp),
-    }
+    })
+    if m.kind is ModelKind.DCN_V2:
+        shape.update({"cross_layers": m.cross_layers, "cross_rank": m.cross_rank,
+                      "cross_structure": m.cross_structure.value})
+    return shape
 
 
 def model_fingerprint(cfg: TrainSpec) -> str:
@@ -104,38 +106,48 @@ def model_fingerprint(cfg: TrainSpec) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class DLRM(nn.Module):
+def build_model(cfg: TrainSpec, embeddings: nn.Module | None = None,
+                first_order: nn.Module | None = None) -> CTRModel:
+    """The model ``[model] kind`` names, built by its ``from_config``."""
+    from trainer.dcn import DCNv2
+    from trainer.linear_model import LinearModel
+
+    kinds: dict[ModelKind, type[CTRModel]] = {ModelKind.DLRM: DLRM, ModelKind.DCN_V2: DCNv2,
+                                              ModelKind.LINEAR: LinearModel}
+    return kinds[cfg.model.kind].from_config(cfg, embeddings, first_order)
+
+
+def dense_bottom(num_dense: int, bottom_mlp: tuple[int, ...], generator: torch.Generator) -> tuple[nn.Module, int]:
+    """The bottom MLP over the dense features (ReLU after its last layer too, as in the
+    reference DLRM: the dense vector is a non-negative feature vector like the others) and
+    its output width; an empty ``bottom_mlp`` passes the features through."""
+    if not num_dense:
+        return nn.Sequential(), 0
+    return build_mlp(num_dense, bottom_mlp, generator, final_activation=True), \
+        (bottom_mlp[-1] if bottom_mlp else num_dense)
+
+
+class DLRM(CTRModel):
     """The DLRM CTR model. ``forward(dense [B, num_dense], sparse {feature: Jagged}) -> [B]``
     logits (apply ``sigmoid`` for click probabilities).
 
     Initialisation is deterministic: the bottom then top MLP are drawn from a generator seeded
     with ``seed``; the default embedding collection seeds its rows with ``seed`` too.
+    ``first_order``: the first-order part added to the logit (None: none);
+    ``normalize_dense``: standardise the dense features online (``trainer.dense_norm``).
     """
 
     def __init__(self, num_dense: int, embeddings: nn.Module | None, *, embedding_dim: int,
-                 bottom_mlp: tuple[int, ...] = (), top_mlp: tuple[int, ...] = (), seed: int = 0):
-        super().__init__()
-        if num_dense < 0:
-            raise TrainerError(f"num_dense must be >= 0, got {num_dense}")
+                 bottom_mlp: tuple[int, ...] = (), top_mlp: tuple[int, ...] = (), seed: int = 0,
+                 first_order: FirstOrder | None = None, normalize_dense: bool = False):
         if num_dense == 0 and embeddings is None:
             raise TrainerError("DLRM needs dense features, sparse features or both")
         if embeddings is not None:
-            if not isinstance(embeddings, EmbeddingCollection):
-                raise TrainerError(
-                    f"embedding collection {type(embeddings).__name__} does not implement "
-                    "trainer.embedding.EmbeddingCollection (feature_names, dim, capabilities, forward)"
-                )
-            if int(embeddings.dim) != embedding_dim:
-                raise TrainerError(
-                    f"embedding collection dim {embeddings.dim} != trainer.embedding_dim "
-                    f"{embedding_dim}; the dot interaction needs one dim"
-                )
-        self.num_dense = num_dense
+            check_collection(embeddings, embedding_dim, "embedding",
+                             "trainer.embedding_dim (the dot interaction needs one dim)")
+        super().__init__(num_dense, normalize_dense)
         self.embedding_dim = embedding_dim
-        self.feature_names: tuple[str, ...] = (
-            tuple(embeddings.feature_names) if embeddings is not None else ()
-        )
-        num_sparse = len(self.feature_names)
+        num_sparse = len(embeddings.feature_names) if embeddings is not None else 0
         g = torch.Generator().manual_seed(int(seed))
 
         if num_dense:
@@ -149,13 +161,7 @@ class DLRM(nn.Module):
                     f"vector and must number embedding_dim ({embedding_dim}); add a bottom_mlp "
                     f"ending in {embedding_dim}"
                 )
-            # ReLU after the last bottom layer, as in the reference DLRM (the dense vector is
-            # a non-negative feature vector like the others in the interaction).
-            self.bottom = build_mlp(num_dense, bottom_mlp, g, final_activation=True)
-            dense_out = bottom_mlp[-1] if bottom_mlp else num_dense
-        else:
-            self.bottom = nn.Sequential()
-            dense_out = 0
+        self.bottom, dense_out = dense_bottom(num_dense, tuple(bottom_mlp), g)
 
         vectors = num_sparse + (1 if num_dense else 0)
         if num_sparse:
@@ -172,25 +178,22 @@ class DLRM(nn.Module):
             # One sparse feature and no dense: no pair exists; feed the pooled vector itself.
             top_in = embedding_dim
         self._top_in = top_in
-        self.top = build_mlp(top_in, tuple(top_mlp) + (1,), g, final_activation=False)
-        self.embeddings = embeddings if embeddings is not None else None
+        self.top = build_logit_mlp(top_in, tuple(top_mlp), g)
+        self.set_collections(embeddings, first_order)
 
     @classmethod
-    def from_config(cls, cfg: TrainSpec, embeddings: nn.Module | None = None) -> "DLRM":
-        """Build from ``cfg.schema`` and ``cfg.trainer``. ``embeddings`` defaults to an
-        ``EmbeddingBagCollection`` over one table per sparse feature; a given collection must
-        serve exactly the schema's sparse features in schema order."""
-        sparse_names = tuple(s.name for s in cfg.schema.sparse)
-        if embeddings is None and sparse_names:
-            embeddings = EmbeddingBagCollection(tables_from_config(cfg), seed=cfg.trainer.seed)
-        if embeddings is not None and tuple(embeddings.feature_names) != sparse_names:
-            raise TrainerError(
-                f"embedding collection serves features {list(embeddings.feature_names)} but "
-                f"schema.sparse declares {list(sparse_names)} (order matters)"
-            )
+    def from_config(cls, cfg: TrainSpec, embeddings: nn.Module | None = None,
+                    first_order: nn.Module | None = None) -> "DLRM":
+        """Build from ``cfg.schema``, ``cfg.trainer`` and ``cfg.model``. ``embeddings``
+        defaults to an ``EmbeddingBagCollection`` over one table per sparse feature; a given
+        collection must serve exactly the schema's sparse features in schema order.
+        ``first_order`` (with ``[model] wide``): the 1-wide collection, by default built like
+        ``embeddings`` (``trainer.first_order.first_order_like``)."""
+        embeddings, part = cls.collections_from_config(cfg, embeddings, first_order)
         t = cfg.trainer
         return cls(len(cfg.schema.dense), embeddings, embedding_dim=t.embedding_dim,
-                   bottom_mlp=t.bottom_mlp, top_mlp=t.top_mlp, seed=t.seed)
+                   bottom_mlp=t.bottom_mlp, top_mlp=t.top_mlp, seed=t.seed, first_order=part,
+                   normalize_dense=cfg.model.normalize_dense)
 
     def interact(self, dense_vec: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         """The top MLP's input: ``[d, triu(T T^T)]`` (see the module docstring)."""
@@ -203,14 +206,7 @@ class DLRM(nn.Module):
         pairs = z.flatten(1).index_select(1, self._triu_flat)
         return pairs if dense_vec is None else torch.cat([dense_vec, pairs], dim=1)
 
-    def forward(self, dense: torch.Tensor, sparse: dict[str, Jagged]) -> torch.Tensor:
-        if self.num_dense:
-            if dense.dim() != 2 or dense.shape[1] != self.num_dense:
-                raise TrainerError(
-                    f"dense input must be [B, {self.num_dense}], got {list(dense.shape)}"
-                )
-            dense_vec = self.bottom(dense)
-        else:
-            dense_vec = None
+    def deep_logit(self, dense: torch.Tensor, sparse: dict[str, Jagged]) -> torch.Tensor:
+        dense_vec = self.bottom(dense) if self.num_dense else None
         pooled = self.embeddings(sparse) if self.embeddings is not None else None
         return self.top(self.interact(dense_vec, pooled)).squeeze(1)

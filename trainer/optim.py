@@ -40,11 +40,16 @@ def use_sparse_gradients(module: nn.Module) -> int:
     return switched
 
 
-def build_optimizer(kind: OptimizerKind, params: Iterable[torch.nn.Parameter],
+def build_optimizer(kind: OptimizerKind, params: Iterable[torch.nn.Parameter] | Iterable[dict],
                     learning_rate: float) -> torch.optim.Optimizer:
-    """A torch optimizer over ``params``. Adagrad (the DLRM default for CTR models, robust to
+    """A torch optimizer over ``params`` (parameters, or torch param-group dicts whose own
+    ``lr`` overrides ``learning_rate``). Adagrad (the DLRM default for CTR models, robust to
     the skewed gradient frequencies of embedding rows), plain SGD, or Adam."""
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if kind is OptimizerKind.ADAGRAD:
         return torch.optim.Adagrad(params, lr=learning_rate)
     if kind is OptimizerKind.SGD:

@@ -10,8 +10,13 @@ Layout of a checkpoint directory (one per checkpoint, written by every rank toge
                                    optimizer state, by name; replicated tables are pieces of
                                    rank 0's shard file
     manifest.json                  written last by rank 0: format, world size, plan, files,
-                                   the sparse optimizer and its step count. A directory
-                                   without it is an incomplete checkpoint.
+                                   the sparse optimizer and its step count, and per sharded
+                                   collection of the model (``collections``: the embeddings
+                                   and the first-order rows) its plan and step count. A
+                                   directory without it is an incomplete checkpoint.
+
+Each piece names its collection (the module path, ``embeddings`` or
+``first_order.embeddings``): the two hold tables of the same names.
 
 A cached table (rows on SSD, ``trainer.cached_embedding``) is flushed and saved as its row
 store's version; any rank may own it after a reshard because each cached table has its own
@@ -43,14 +48,18 @@ from torch import nn
 from storage.atomic import atomic_write, atomic_write_bytes
 from trainer.errors import CheckpointError
 from trainer.sharded_embedding import ShardedEmbeddingCollection, ShardView
-from trainer.sharding import find_sharded
+from trainer.sharding import find_all_sharded
 
-__all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "MANIFEST"]
+__all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "gather_tables", "MANIFEST"]
 
 MANIFEST = "manifest.json"
-# 2: shards in fused tables with their own sparse optimizer state (1: nn.Parameter shards
-# trained by the dense torch optimizer, whose state was saved beside them).
-_FORMAT = 2
+# 3: several sharded collections (the embeddings and the first-order rows), each piece naming
+# its collection, the manifest each collection's plan and step count; 2 (read too): one
+# collection, ``embeddings``. 2: shards in fused tables with their own sparse optimizer state
+# (1: nn.Parameter shards trained by the dense torch optimizer, whose state was saved beside them).
+_FORMAT = 3
+#: The module path of the embedding tables' collection (format 2 checkpoints hold only it).
+MAIN_COLLECTION = "embeddings"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -85,38 +94,54 @@ def _atomic_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh), durable=False)
 
 
-def _embedding_tensors(emb: ShardedEmbeddingCollection) -> set[int]:
-    """Ids of the collection's parameters and buffers: stored as pieces, not in dense.pt."""
-    return {id(t) for t in emb.parameters()} | {id(t) for t in emb.buffers()}
+def _embedding_tensors(collections) -> set[int]:
+    """Ids of the collections' parameters and buffers: stored as pieces, not in dense.pt."""
+    out: set[int] = set()
+    for emb in collections:
+        out |= {id(t) for t in emb.parameters()} | {id(t) for t in emb.buffers()}
+    return out
+
+
+def _sharded_collections(net: nn.Module, what: str) -> dict[str, ShardedEmbeddingCollection]:
+    found = find_all_sharded(net)
+    if not found:
+        raise CheckpointError(f"model has no ShardedEmbeddingCollection{what}")
+    return found
+
+
+def _piece_collection(piece: dict) -> str:
+    # format 2 pieces carry no collection: the model had one, ``embeddings``
+    return piece.get("collection", MAIN_COLLECTION)
 
 
 def save_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
-    """Write this rank's shards (and, on rank 0, the replicated tables, the dense part and
-    ``extra``) to ``directory``; returns when every rank has written and the manifest exists.
-    ``optimizer`` is the dense optimizer; the embeddings' sparse optimizer state is the
-    collection's own."""
+    """Write this rank's shards of every sharded collection of the model (and, on rank 0, the
+    replicated tables, the dense part and ``extra``) to ``directory``; returns when every
+    rank has written and the manifest exists. ``optimizer`` is the dense optimizer; the
+    embeddings' sparse optimizer state is the collections' own."""
     directory = os.fspath(directory)
     net = _unwrap(model)
-    emb = find_sharded(net)
-    if emb is None:
-        raise CheckpointError("model has no ShardedEmbeddingCollection; use the plain checkpoint")
+    collections = _sharded_collections(net, "; use the plain checkpoint")
+    first = next(iter(collections.values()))
+    rank, world = first.rank, first.world_size
     os.makedirs(directory, exist_ok=True)
     pieces = []
-    for v in emb.shard_views():
-        if v.replicated and emb.rank != 0:
-            continue  # saved once, as whole-table pieces, so a later plan may shard them
-        pieces.append({"table": v.table, "rows": [v.row_start, v.row_end], "cols": [v.col_start, v.col_end],
-                       "weight": v.weight.detach().cpu().clone(),
-                       "state": {k: t.detach().cpu().clone() for k, t in v.state.items()}})
-    for name, cached in emb.cached.items():
-        # a cached table's rows are in its row store: the checkpoint names the store version
-        cached.flush()
-        pieces.append({"table": name, "cached": cached.checkpoint_state()})
-    _atomic_save({"format": _FORMAT, "rank": emb.rank, "pieces": pieces},
-                 os.path.join(directory, _shard_file(emb.rank, emb.world_size)))
-    if emb.rank == 0:
-        skip = _embedding_tensors(emb)
+    for prefix, emb in collections.items():
+        for v in emb.shard_views():
+            if v.replicated and rank != 0:
+                continue  # saved once, as whole-table pieces, so a later plan may shard them
+            pieces.append({"collection": prefix, "table": v.table, "rows": [v.row_start, v.row_end],
+                           "cols": [v.col_start, v.col_end], "weight": v.weight.detach().cpu().clone(),
+                           "state": {k: t.detach().cpu().clone() for k, t in v.state.items()}})
+        for name, cached in emb.cached.items():
+            # a cached table's rows are in its row store: the checkpoint names the store version
+            cached.flush()
+            pieces.append({"collection": prefix, "table": name, "cached": cached.checkpoint_state()})
+    _atomic_save({"format": _FORMAT, "rank": rank, "pieces": pieces},
+                 os.path.join(directory, _shard_file(rank, world)))
+    if rank == 0:
+        skip = _embedding_tensors(collections.values())
         params, optim = {}, {}
         for name, p in net.named_parameters():
             if id(p) in skip:
@@ -127,10 +152,14 @@ def save_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
         _atomic_save({"format": _FORMAT, "params": params, "buffers": buffers, "optim": optim,
                       "extra": extra or {}}, os.path.join(directory, "dense.pt"))
     _barrier()
-    if emb.rank == 0:
-        manifest = {"format": _FORMAT, "world_size": emb.world_size, "plan": emb.plan.to_dict(),
-                    "files": [_shard_file(r, emb.world_size) for r in range(emb.world_size)],
-                    "sparse_optimizer": emb.optimizer.kind.value, "sparse_steps": emb.sparse_steps}
+    if rank == 0:
+        main = collections.get(MAIN_COLLECTION, first)
+        # "plan" and "sparse_steps" are the main collection's, as format 2 wrote them
+        manifest = {"format": _FORMAT, "world_size": world, "plan": main.plan.to_dict(),
+                    "files": [_shard_file(r, world) for r in range(world)],
+                    "sparse_optimizer": first.optimizer.kind.value, "sparse_steps": main.sparse_steps,
+                    "collections": {prefix: {"plan": emb.plan.to_dict(), "sparse_steps": emb.sparse_steps}
+                                    for prefix, emb in collections.items()}}
         atomic_write_bytes(os.path.join(directory, MANIFEST), json.dumps(manifest).encode(), durable=False)
     _barrier()
 
@@ -139,9 +168,68 @@ def load_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a checkpoint written by any world size / plan into this rank's model and dense
     ``optimizer`` (which must already hold the model's dense parameters). Returns ``extra``.
-    Raises ``CheckpointError`` when it does not fit; its format, table shapes and sparse
-    optimizer are checked before anything is modified."""
+    Raises ``CheckpointError`` when it does not fit; its format, collections, table shapes
+    and sparse optimizer are checked before anything is modified."""
     directory = os.fspath(directory)
+    manifest = _read_manifest(directory)
+    net = _unwrap(model)
+    collections = _sharded_collections(net, " to load shards into")
+    saved = manifest.get("collections") or {
+        MAIN_COLLECTION: {"plan": manifest["plan"], "sparse_steps": manifest["sparse_steps"]}}
+    if set(saved) != set(collections):
+        raise CheckpointError(
+            f"{directory}: saved embedding collections {sorted(saved)}, the model has {sorted(collections)}; "
+            f"a checkpoint without first_order.embeddings was written without the first-order part: "
+            "resume it with [model] wide = false, or start a new checkpoint_dir")
+    for prefix, emb in collections.items():
+        saved_tables = {t["name"]: (t["rows"], t["dim"]) for t in saved[prefix]["plan"]["tables"]}
+        for tp in emb.plan.tables:
+            if saved_tables.get(tp.name) != (tp.rows, tp.dim):
+                raise CheckpointError(f"{directory}: {prefix} table {tp.name!r} saved as "
+                                      f"{saved_tables.get(tp.name)}, model has {(tp.rows, tp.dim)} (rows, dim)")
+        if manifest["sparse_optimizer"] != emb.optimizer.kind.value:
+            raise CheckpointError(
+                f"{directory}: embeddings were trained with sparse optimizer {manifest['sparse_optimizer']!r}, "
+                f"this model uses {emb.optimizer.kind.value!r}; keep [trainer] sparse_optimizer or start a "
+                "new checkpoint_dir")
+    dense = torch.load(os.path.join(directory, "dense.pt"), map_location="cpu", weights_only=True)
+    _load_dense(dense, net, collections.values(), optimizer, directory)
+    sources = None
+    for prefix, emb in collections.items():
+        views = emb.shard_views()
+        if views or len(emb.cached):
+            if sources is None:
+                sources = [torch.load(os.path.join(directory, f), map_location="cpu", mmap=True, weights_only=True)
+                           for f in manifest["files"]]
+            _load_collection(emb, prefix, views, sources, directory)
+        emb.set_sparse_steps(int(saved[prefix]["sparse_steps"]))
+    _barrier()
+    return dense.get("extra", {})
+
+
+def _load_collection(emb: ShardedEmbeddingCollection, prefix: str, views: list[ShardView],
+                     sources: list[dict], directory: str) -> None:
+    """This rank's shards and cached tables of one collection from the saved pieces."""
+    cached_states = {piece["table"]: piece["cached"] for src in sources for piece in src["pieces"]
+                     if "cached" in piece and _piece_collection(piece) == prefix}
+    for name, cached in emb.cached.items():
+        if name not in cached_states:
+            raise CheckpointError(f"{directory}: table {name!r} is cached in this plan but was saved on "
+                                  "devices; moving a table between device and cached placement is not "
+                                  "supported by resharding (keep [row_cache] as it was when saving)")
+        cached.load_checkpoint_state(cached_states[name])
+    for v in views:
+        if v.table in cached_states:
+            raise CheckpointError(f"{directory}: table {v.table!r} was saved as a cached table (rows in "
+                                  "its row store) but this plan puts it on devices; keep [row_cache] as it was")
+        weight, state = _assemble(v, sources, directory, prefix)
+        with torch.no_grad():
+            v.weight.copy_(weight)
+            for k, t in v.state.items():
+                t.copy_(state[k])
+
+
+def _read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is missing or incomplete")
@@ -153,52 +241,43 @@ def load_sharded_checkpoint(directory: str | os.PathLike, model: nn.Module,
             f"{path}: sharded checkpoint format 1, written when shards were parameters of the dense "
             "torch optimizer; this release trains them with [trainer] sparse_optimizer and cannot "
             "resume that state. Point trainer.checkpoint_dir at a new directory")
-    if found != _FORMAT:
-        raise CheckpointError(f"{path}: format {found!r}, this build reads {_FORMAT}")
-    net = _unwrap(model)
-    emb = find_sharded(net)
-    if emb is None:
-        raise CheckpointError("model has no ShardedEmbeddingCollection to load shards into")
-    saved_tables = {t["name"]: (t["rows"], t["dim"]) for t in manifest["plan"]["tables"]}
-    for tp in emb.plan.tables:
-        if saved_tables.get(tp.name) != (tp.rows, tp.dim):
-            raise CheckpointError(f"{directory}: table {tp.name!r} saved as {saved_tables.get(tp.name)}, "
-                                  f"model has {(tp.rows, tp.dim)} (rows, dim)")
-    if manifest["sparse_optimizer"] != emb.optimizer.kind.value:
-        raise CheckpointError(
-            f"{directory}: embeddings were trained with sparse optimizer {manifest['sparse_optimizer']!r}, "
-            f"this model uses {emb.optimizer.kind.value!r}; keep [trainer] sparse_optimizer or start a "
-            "new checkpoint_dir")
-    dense = torch.load(os.path.join(directory, "dense.pt"), map_location="cpu", weights_only=True)
-    _load_dense(dense, net, emb, optimizer, directory)
-    views = emb.shard_views()
-    if views or len(emb.cached):
-        sources = [torch.load(os.path.join(directory, f), map_location="cpu", mmap=True, weights_only=True)
-                   for f in manifest["files"]]
-        cached_states = {piece["table"]: piece["cached"] for src in sources for piece in src["pieces"]
-                         if "cached" in piece}
-        for name, cached in emb.cached.items():
-            if name not in cached_states:
-                raise CheckpointError(f"{directory}: table {name!r} is cached in this plan but was saved on "
-                                      "devices; moving a table between device and cached placement is not "
-                                      "supported by resharding (keep [row_cache] as it was when saving)")
-            cached.load_checkpoint_state(cached_states[name])
-        for v in views:
-            if v.table in cached_states:
-                raise CheckpointError(f"{directory}: table {v.table!r} was saved as a cached table (rows in "
-                                      "its row store) but this plan puts it on devices; keep [row_cache] as it was")
-            weight, state = _assemble(v, sources, directory)
-            with torch.no_grad():
-                v.weight.copy_(weight)
-                for k, t in v.state.items():
-                    t.copy_(state[k])
-    emb.set_sparse_steps(int(manifest["sparse_steps"]))
-    _barrier()
-    return dense.get("extra", {})
+    if found not in (2, _FORMAT):
+        raise CheckpointError(f"{path}: format {found!r}, this build reads 2 and {_FORMAT}")
+    return manifest
 
 
-def _assemble(v: ShardView, sources: list[dict], directory: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weights and optimizer state of target ``v`` from every saved piece of its table."""
+def gather_tables(directory: str | os.PathLike, collection: str = MAIN_COLLECTION
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Every table of one sharded collection of the checkpoint in ``directory`` (by module
+    path: ``embeddings``, or ``first_order.embeddings`` for the first-order rows), whole, in
+    one process (no process group; for export): ``({table: weights [rows, dim] in the saved
+    dtype}, {cached table: the row-store state its piece names})``. Device tables are
+    reassembled from every rank's pieces as a load onto one rank would (each weight covered
+    exactly once). A collection the checkpoint does not hold gives ``({}, {})``."""
+    directory = os.fspath(directory)
+    manifest = _read_manifest(directory)
+    saved = manifest.get("collections") or {MAIN_COLLECTION: {"plan": manifest["plan"]}}
+    if collection not in saved:
+        return {}, {}
+    sources = [torch.load(os.path.join(directory, f), map_location="cpu", mmap=True, weights_only=True)
+               for f in manifest["files"]]
+    mine = [piece for src in sources for piece in src["pieces"] if _piece_collection(piece) == collection]
+    cached = {piece["table"]: piece["cached"] for piece in mine if "cached" in piece}
+    dtypes = {piece["table"]: piece["weight"].dtype for piece in mine if "cached" not in piece}
+    tables = {}
+    for t in saved[collection]["plan"]["tables"]:
+        if t["name"] in cached:
+            continue
+        whole = ShardView(t["name"], 0, t["rows"], 0, t["dim"],
+                          torch.empty(0, dtype=dtypes.get(t["name"], torch.float32)), {})
+        tables[t["name"]] = _assemble(whole, sources, directory, collection)[0]
+    return tables, cached
+
+
+def _assemble(v: ShardView, sources: list[dict], directory: str, collection: str = MAIN_COLLECTION
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weights and optimizer state of target ``v`` from every saved piece of its table in
+    ``collection`` (the module path of its sharded collection)."""
     rows, cols = v.row_end - v.row_start, v.col_end - v.col_start
     weight = torch.empty(rows, cols, dtype=v.weight.dtype)
     covered = torch.zeros(rows, cols, dtype=torch.int32)
@@ -206,7 +285,7 @@ def _assemble(v: ShardView, sources: list[dict], directory: str) -> tuple[torch.
     state_rows = {k: torch.zeros(rows, dtype=torch.bool) for k, t in v.state.items() if t.dim() == 1}
     for src in sources:
         for piece in src["pieces"]:
-            if piece["table"] != v.table or "cached" in piece:
+            if piece["table"] != v.table or "cached" in piece or _piece_collection(piece) != collection:
                 continue
             (r0, r1), (c0, c1) = piece["rows"], piece["cols"]
             lo_r, hi_r = max(r0, v.row_start), min(r1, v.row_end)
@@ -246,8 +325,8 @@ def _set_opt_state(optimizer, p: torch.Tensor, full: dict, scalar: dict) -> None
     optimizer.state[p] = state
 
 
-def _load_dense(dense: dict, net: nn.Module, emb: ShardedEmbeddingCollection, optimizer, directory: str) -> None:
-    skip = _embedding_tensors(emb)
+def _load_dense(dense: dict, net: nn.Module, collections, optimizer, directory: str) -> None:
+    skip = _embedding_tensors(collections)
     params = dict(net.named_parameters())
     want = {n for n, p in params.items() if id(p) not in skip}
     missing = sorted(want - set(dense["params"]))

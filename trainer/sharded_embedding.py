@@ -78,7 +78,7 @@ from trainer.errors import TrainerError
 from trainer.fused_embedding import FusedEmbeddingBagCollection
 from trainer.planner import Placement, Plan, ShardPlan, TablePlan
 from trainer.sharded_optim import PlainCoordinates, apply_shard_update_, row_square_sums
-from trainer.sparse_optim import SparseOptimizerSpec
+from trainer.sparse_optim import SparseOptimizerSpec, scaled_spec
 
 __all__ = ["ShardedEmbeddingCollection", "ShardView", "shard_key", "column_group_ranks"]
 
@@ -136,7 +136,7 @@ class ShardedEmbeddingCollection(nn.Module):
     16-bit rows are rounded with plain training's random bits (``trainer.sharded_optim``).
     """
 
-    capabilities = CollectionCapabilities(sparse_step=True, prefetch=True, flush=True)
+    capabilities = CollectionCapabilities(sparse_step=True, prefetch=True, flush=True, lr_scale=True)
 
     def __init__(self, tables: list[TableSpec] | tuple[TableSpec, ...], plan: Plan, rank: int, *,
                  seed: int = 0, group_ids=None, group_pooled=None,
@@ -176,6 +176,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self.device = torch.device(device)
         self.optimizer = (optimizer if isinstance(optimizer, SparseOptimizerSpec) else
                           SparseOptimizerSpec(optimizer, learning_rate))
+        self._step_spec = self.optimizer  # the optimizer with set_lr_scale's learning rate
         self._index = {name: i for i, name in enumerate(self.feature_names)}
         self._plans = {tp.name: tp for tp in plan.tables}
         # Each table's first row in plain training's fused buffer (all tables, feature order):
@@ -285,14 +286,21 @@ class ShardedEmbeddingCollection(nn.Module):
             if pending[key] is None:
                 continue
             rows, grad = pending[key]
-            apply_shard_update_(self.optimizer, group.weights, group.optimizer_state(), rows, grad,
+            apply_shard_update_(self._step_spec, group.weights, group.optimizer_state(), rows, grad,
                                 step=self._steps, rounding_seed=self.seed, coords=self._coords[key],
                                 row_sq_mean=row_sq_means.get(key))
         if replicated is not None:
             rows, grad = replicated
-            apply_shard_update_(self.optimizer, self.replicated.weights, self.replicated.optimizer_state(),
+            apply_shard_update_(self._step_spec, self.replicated.weights, self.replicated.optimizer_state(),
                                 rows, grad, step=self._steps, rounding_seed=self.seed,
                                 coords=self._replicated_coords)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Update every table (cached ones included) with ``scale`` times the learning rate
+        from the next ``sparse_step()`` on (learning-rate warmup)."""
+        self._step_spec = scaled_spec(self.optimizer, scale)
+        for m in self.cached.values():
+            m.set_lr_scale(scale)
 
     def discard_gradients(self) -> None:
         """Drop the pending gradients of the device shards and replicas without updating

@@ -45,14 +45,17 @@ from trainer.sharded_embedding import ShardedEmbeddingCollection, column_group_r
 from trainer.sparse_optim import SparseOptimizerSpec
 
 __all__ = ["build_sharded_embeddings", "wrap_data_parallel", "local_slice", "find_sharded",
-           "measure_table_stats"]
+           "find_all_sharded", "measure_table_stats"]
 
 
-def build_sharded_embeddings(cfg: TrainSpec, plan: Plan, ctx: DistContext) -> ShardedEmbeddingCollection:
-    """This rank's sharded collection for ``plan``, trained by ``[trainer] sparse_optimizer``
-    at ``sparse_learning_rate`` with rows of ``embedding_dtype``. Collective: creates two
-    process groups, then one per column-wise table under row-wise Adagrad (in plan order),
-    so every rank must call it at the same point."""
+def build_sharded_embeddings(cfg: TrainSpec, plan: Plan, ctx: DistContext,
+                             tables: list[TableSpec] | None = None) -> ShardedEmbeddingCollection:
+    """This rank's sharded collection for ``plan`` over ``tables`` (default: every sparse
+    feature's table; the first-order tables with ``trainer.first_order.first_order_plan``),
+    trained by ``[trainer] sparse_optimizer`` at ``sparse_learning_rate`` with rows of
+    ``embedding_dtype``. Collective: creates two process groups, then one per column-wise
+    table under row-wise Adagrad (in plan order), so every rank must call it at the same
+    point."""
     if plan.world_size != ctx.world_size:
         raise TrainerError(f"plan is for {plan.world_size} ranks but the job has {ctx.world_size}")
     t = cfg.trainer
@@ -70,7 +73,8 @@ def build_sharded_embeddings(cfg: TrainSpec, plan: Plan, ctx: DistContext) -> Sh
         _ensure_single_process_group()
     else:
         raise TrainerError("a multi-rank plan needs an initialised process group (trainer.dist)")
-    return ShardedEmbeddingCollection(tables_from_config(cfg), plan, ctx.rank, seed=t.seed,
+    return ShardedEmbeddingCollection(tables_from_config(cfg) if tables is None else tables, plan,
+                                      ctx.rank, seed=t.seed,
                                       group_ids=group_ids, group_pooled=group_pooled,
                                       column_groups=column_groups,
                                       comm_precision=cfg.sharding.comm_precision, device=ctx.device,
@@ -102,25 +106,31 @@ def _ensure_single_process_group() -> None:
 
 
 def find_sharded(model: nn.Module) -> ShardedEmbeddingCollection | None:
+    """The model's first sharded collection (None: none)."""
     for m in model.modules():
         if isinstance(m, ShardedEmbeddingCollection):
             return m
     return None
 
 
+def find_all_sharded(model: nn.Module) -> dict[str, ShardedEmbeddingCollection]:
+    """Every sharded collection of the model by its module path (``embeddings``,
+    ``first_order.embeddings``), in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ShardedEmbeddingCollection)}
+
+
 def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP over the dense layers only: every parameter and buffer of the sharded collection
-    (shards, replicated tables, their optimizer state) is left out, since each rank holds
+    """DDP over the dense layers only: every parameter and buffer of the sharded collections
+    (shards, replicated tables, their optimizer state; the first-order rows too) is left out, since each rank holds
     its own shards and ``sparse_step()`` keeps the replicas in step. Returns ``model``
     itself for a single process."""
     if not ctx.initialized or ctx.world_size == 1:
         return model
-    sharded = find_sharded(model)
-    ignore = set()
-    if sharded is not None:
-        own = {id(t) for t in sharded.parameters()} | {id(t) for t in sharded.buffers()}
-        ignore = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-                  if id(t) in own}
+    own = set()
+    for sharded in find_all_sharded(model).values():
+        own |= {id(t) for t in sharded.parameters()} | {id(t) for t in sharded.buffers()}
+    ignore = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+              if id(t) in own}
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
     # No device_ids even on CUDA: inputs are already on the device, and with device_ids DDP
     # rebuilds every dict argument on the way in, so the sparse dict would no longer be the

@@ -45,7 +45,7 @@ from trainer.errors import TrainerConfigError
 
 __all__ = [
     "SparseOptimizerKind", "SparseOptimizerSpec", "state_bytes_per_row", "state_shapes",
-    "init_state", "apply_sparse_update_", "stochastic_round", "WEIGHT_DTYPES",
+    "init_state", "apply_sparse_update_", "stochastic_round", "WEIGHT_DTYPES", "scaled_spec",
 ]
 
 #: Weight dtypes a fused table may hold; 16-bit ones are written back stochastically rounded.
@@ -91,6 +91,15 @@ class SparseOptimizerSpec:
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise TrainerConfigError(f"adam betas must lie in [0, 1), got {tuple(self.betas)}")
         object.__setattr__(self, "betas", (float(b1), float(b2)))
+
+
+def scaled_spec(spec: SparseOptimizerSpec, scale: float) -> SparseOptimizerSpec:
+    """``spec`` with its learning rate times ``scale`` (> 0): learning-rate warmup."""
+    if scale == 1.0:
+        return spec
+    if not 0 < scale < float("inf"):
+        raise TrainerConfigError(f"learning-rate scale must be a finite number > 0, got {scale}")
+    return dataclasses.replace(spec, learning_rate=spec.learning_rate * scale)
 
 
 def state_shapes(kind: SparseOptimizerKind, rows: int, dim: int) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ What a strategy decides (``StepStrategy``):
 * ``checkpoint_manager(spec, keep)``: plain files, or sharded directories written together;
 * ``open_cache(open_writable, open_readonly)``: which process opens the cache how;
 * ``bounded_end_seq(cache)``: the last seq a bounded read may reach (None: wherever it ends);
+* ``agree_from_main(values)``: rank 0's list of ints on every process (a feed reader's ends);
 * ``prepare(item, device)``: the batch this process trains on, or None when every process
   skips the item;
 * ``scaled_loss(loss, global_rows)``: the loss whose gradient this process back-propagates;
@@ -60,6 +61,8 @@ class StepStrategy(Protocol):
 
     def bounded_end_seq(self, cache: BatchCache) -> int | None: ...
 
+    def agree_from_main(self, values: list[int]) -> list[int]: ...
+
     def prepare(self, item: TrainItem, device: torch.device) -> TrainBatch | None: ...
 
     def scaled_loss(self, loss: torch.Tensor, global_rows: int) -> torch.Tensor: ...
@@ -95,6 +98,9 @@ class LocalStep:
 
     def bounded_end_seq(self, cache: BatchCache) -> int | None:
         return None
+
+    def agree_from_main(self, values: list[int]) -> list[int]:
+        return list(values)
 
     def prepare(self, item: TrainItem, device: torch.device) -> TrainBatch:
         return _to_device(item.batch, device)
@@ -160,11 +166,16 @@ class DistributedStep:
         if self.ctx.rank == 0:
             seq = cache.last_seq()
             last = -1 if seq is None else seq
+        return self.agree_from_main([last])[0]
+
+    def agree_from_main(self, values: list[int]) -> list[int]:
+        """Rank 0's ``values`` on every rank (collective; each rank passes a list of the same
+        length)."""
         if self._control is None:
-            return last
-        box = torch.tensor([last], dtype=torch.int64)
+            return list(values)
+        box = torch.tensor(values, dtype=torch.int64)
         dist.broadcast(box, src=0, group=self._control)
-        return int(box)
+        return box.tolist()
 
     def prepare(self, item: TrainItem, device: torch.device) -> TrainBatch | None:
         n = item.batch.batch_size

@@ -240,8 +240,14 @@ class HashConfig:
     embedding_weight: float = 1.0  # weight of the current model's embeddings in the similarity
     embedding_components: int = 4  # principal components of the embeddings used
     min_events_to_fit: int = 10_000  # a feature with fewer counted events keeps its mapper
+    # Bytes one feature's fitted mapper may take (id table + bucket codes); 0 = no limit
+    # (a learned fit stores every seen id, ~26 bytes each).
+    max_mapper_bytes: int = 0
     # Periodic re-fit in serve: seconds between fits (0 = never re-fit automatically).
     refit_every_s: float = 0.0
+    # Fitted versions kept on disk: after each fit the older ones are deleted, except any
+    # a cached batch or the trainer's checkpoint still needs (0 = keep every version).
+    keep_mappings: int = 4
     # --- statistics kept with the cache (storage.id_stats)
     stats_enabled: bool = True
     stats_head_capacity: int = 1_000_000  # exact per-id counts kept per feature
@@ -264,6 +270,11 @@ class HashConfig:
             raise ValueError("embedding_components must be >= 1")
         if self.min_events_to_fit < 0 or self.refit_every_s < 0:
             raise ValueError("min_events_to_fit and refit_every_s must be >= 0")
+        if self.max_mapper_bytes != 0 and self.max_mapper_bytes < 64:
+            raise ValueError(f"max_mapper_bytes must be 0 (no limit) or >= 64 (one table bucket), "
+                             f"got {self.max_mapper_bytes}")
+        if self.keep_mappings < 0:
+            raise ValueError(f"keep_mappings must be >= 0 (0 = keep every version), got {self.keep_mappings}")
         if self.stats_head_capacity < 2:
             raise ValueError(f"stats_head_capacity must be >= 2, got {self.stats_head_capacity}")
         if not 1 <= self.sketch_width < 1 << 32 or self.sketch_depth < 1:

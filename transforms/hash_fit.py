@@ -21,6 +21,14 @@ Variant implemented (``fit_learned``), after Ghaemmaghami et al., "Learning to C
    A leaf is one row. So similar ids share a row, and every shared row carries about the
    same access mass instead of the same number of ids.
 
+5. **Memory budget** (``mapper_bytes`` > 0, when storing every seen id exactly would
+   exceed it): only the hot ids are stored exactly; the other seen ids are hashed into
+   *code buckets* (one small integer each, ``hash_kernels``), each bucket summarised by
+   its ids' access mass and mass-weighted mean vector, and the buckets, not the ids, are
+   clustered as in 4. Ids sharing a bucket share its cluster; the heaviest id of a bucket
+   steers where it goes. One or two bytes per bucket instead of ~26 per id, so a learned mapping
+   fits beside a small table: ``fit_within_memory`` picks the rows that leave room for it.
+
 Why not k-means (the paper clusters learned embeddings): Lloyd iterations with a million centroids do not fit
 "minutes on two cores" for ten million ids, and k-means balances id counts poorly under
 Zipf traffic. Bisection is ``O(n log n log rows)``, deterministic, and balances mass by
@@ -37,19 +45,27 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numba
 import numpy as np
 
 from transforms.config import FitKind, HashConfig, SchemaConfig
 from transforms.errors import MappingError
-from transforms.learned_hash import DEFAULT_FALLBACK_SEED, FrequencyMapper, LearnedMapper
+from transforms.hash_kernels import hash_rows, table_entries_within, table_nbytes
+from transforms.learned_hash import (
+    DEFAULT_CODE_SEED,
+    DEFAULT_FALLBACK_SEED,
+    FrequencyMapper,
+    LearnedMapper,
+    code_dtype,
+)
 from transforms.mappers import IdMapper, MappingSet
 
 __all__ = [
     "IdStats", "LearnedFitParams", "fit_frequency", "fit_learned", "id_vectors",
     "balanced_clusters", "mapping_report", "embedding_vectors", "timed_fit", "fit_mapping_set",
+    "fit_within_memory",
 ]
 
 
@@ -97,12 +113,15 @@ def _hot_order(stats: IdStats) -> np.ndarray:
 
 
 def fit_frequency(stats: IdStats, rows: int, *, hot_fraction: float = 0.5,
-                  seed: int = DEFAULT_FALLBACK_SEED) -> FrequencyMapper:
+                  seed: int = DEFAULT_FALLBACK_SEED, mapper_bytes: int = 0) -> FrequencyMapper:
     """The ``min(distinct, floor(hot_fraction * rows), rows - 1)`` most frequent ids own
-    rows ``0..hot-1`` in frequency order; every other id hashes into ``[hot, rows)``."""
+    rows ``0..hot-1`` in frequency order; every other id hashes into ``[hot, rows)``.
+    ``mapper_bytes`` > 0 caps ``hot`` so that the mapper's table fits in it."""
     if not 0.0 <= hot_fraction <= 1.0:
         raise MappingError(f"hot_fraction must be in [0, 1], got {hot_fraction}")
     hot = min(stats.distinct, int(hot_fraction * rows), rows - 1)
+    if mapper_bytes:
+        hot = min(hot, _table_entries(mapper_bytes))
     order = _hot_order(stats)[:hot]
     return FrequencyMapper(rows, keys=stats.ids[order], values=np.arange(hot, dtype=np.int64),
                            hot=hot, fallback_base=hot, fallback_rows=rows - hot, seed=seed)
@@ -124,7 +143,11 @@ class LearnedFitParams:
     # pseudo-accesses added to every id's count when balancing cluster mass, so ids rarely
     # seen at fit time (whose future traffic regresses up) are not packed by the dozen
     mass_prior: float = 0.0
+    # bytes the mapper may take (table + bucket codes); 0 = no limit: every seen id is
+    # stored exactly (~26 bytes each). See step 5 of the module docstring.
+    mapper_bytes: int = 0
     seed: int = DEFAULT_FALLBACK_SEED
+    code_seed: int = DEFAULT_CODE_SEED
 
     @classmethod
     def from_config(cls, hash_cfg: HashConfig) -> "LearnedFitParams":
@@ -132,7 +155,7 @@ class LearnedFitParams:
         h = hash_cfg
         return cls(hot_fraction=h.hot_fraction, reserve_fraction=h.reserve_fraction,
                    label_weight=h.label_weight, embedding_weight=h.embedding_weight,
-                   embedding_components=h.embedding_components)
+                   embedding_components=h.embedding_components, mapper_bytes=h.max_mapper_bytes)
 
     def __post_init__(self):
         for name in ("hot_fraction", "reserve_fraction"):
@@ -145,6 +168,8 @@ class LearnedFitParams:
             raise MappingError("learned fit: weights and mass_prior must be >= 0 and prior_strength > 0")
         if self.embedding_components < 1:
             raise MappingError("learned fit: embedding_components must be >= 1")
+        if self.mapper_bytes < 0:
+            raise MappingError(f"learned fit: mapper_bytes must be >= 0 (0 = no limit), got {self.mapper_bytes}")
 
 
 def embedding_vectors(ids: np.ndarray, mapper: IdMapper, weight: np.ndarray, components: int) -> np.ndarray:
@@ -280,6 +305,8 @@ def fit_learned(stats: IdStats, rows: int, params: LearnedFitParams = LearnedFit
         raise MappingError(f"learned fit needs rows >= 2 (one shared, one reserved), got {rows}")
     min_reserve = max(1, int(params.reserve_fraction * rows))
     order = _hot_order(stats)
+    if params.mapper_bytes and table_nbytes(stats.distinct) > params.mapper_bytes:
+        return _fit_learned_codes(stats, rows, params, embeddings, order, min_reserve)
     if stats.distinct <= rows - min_reserve:
         # everything seen fits: every id its own row, no clustering needed
         hot = stats.distinct
@@ -307,6 +334,73 @@ def fit_learned(stats: IdStats, rows: int, params: LearnedFitParams = LearnedFit
                          fallback_rows=rows - budget, seed=params.seed)
 
 
+def _table_entries(mapper_bytes: int) -> int:
+    n = table_entries_within(mapper_bytes)
+    if n < 0:
+        raise MappingError(f"mapper_bytes = {mapper_bytes} cannot hold even an empty id table "
+                           f"({table_nbytes(0)} bytes); give the mapper more bytes or 0 for no limit")
+    return n
+
+
+def _fit_learned_codes(stats: IdStats, rows: int, params: LearnedFitParams, embeddings: np.ndarray | None,
+                       order: np.ndarray, min_reserve: int) -> LearnedMapper:
+    """``fit_learned`` within ``params.mapper_bytes``: hot ids in the table, the other seen
+    ids through clustered code buckets (step 5 of the module docstring)."""
+    hot = min(int(params.hot_fraction * rows), rows - min_reserve - 1, stats.distinct,
+              _table_entries(params.mapper_bytes))
+    hot_idx, tail_idx = order[:hot], order[hot:]
+    reserve = min_reserve
+    if params.auto_reserve:
+        reserve = max(reserve, _unseen_rows(stats, tail_idx, rows - hot))
+    clusters = rows - hot - min(reserve, rows - hot - 1)
+    dtype = code_dtype(clusters)
+    buckets = min((params.mapper_bytes - table_nbytes(hot)) // dtype.itemsize, 2**32 - 1)
+    hot_keys, hot_rows = stats.ids[hot_idx], np.arange(hot, dtype=np.int64)
+    if buckets < 1 or tail_idx.size == 0:
+        # no room for codes: the rest is hashed over every row the hot ids leave
+        return LearnedMapper(rows, keys=hot_keys, values=hot_rows, hot=hot, fallback_base=hot,
+                             fallback_rows=rows - hot, seed=params.seed)
+    tail = IdStats(stats.ids[tail_idx], stats.counts[tail_idx], stats.label_sums[tail_idx])
+    emb = None if embeddings is None else np.asarray(embeddings)[tail_idx]
+    vectors = id_vectors(tail, params, emb).astype(np.float64)
+    mass = tail.counts + params.mass_prior + 1e-3
+    bucket = hash_rows(tail.ids, params.code_seed, 0, buckets)
+    occupied, inv = np.unique(bucket, return_inverse=True)
+    bucket_mass = np.bincount(inv, weights=mass, minlength=occupied.size)
+    bucket_vectors = np.stack([np.bincount(inv, weights=mass * vectors[:, j], minlength=occupied.size)
+                               for j in range(vectors.shape[1])], axis=1) / bucket_mass[:, None]
+    codes = np.zeros(buckets, dtype=dtype)
+    codes[occupied] = balanced_clusters(bucket_vectors, bucket_mass, clusters) + 1
+    return LearnedMapper(rows, keys=hot_keys, values=hot_rows, hot=hot, fallback_base=hot + clusters,
+                         fallback_rows=rows - hot - clusters, seed=params.seed, codes=codes,
+                         code_seed=params.code_seed, code_base=hot)
+
+
+def fit_within_memory(total_bytes: int, row_bytes: int, fit: Callable[[int], IdMapper],
+                      min_rows: int = 2) -> IdMapper:
+    """``fit(rows)`` for the most rows such that the embedding table plus the mapper fit in
+    ``total_bytes``: ``rows * row_bytes + mapper.nbytes <= total_bytes`` (binary search over
+    rows; the total must grow with rows, as it does for every fit here).
+
+    Example: a learned mapping whose table and codes take about a fifth of 40 KB, the
+    rest for 16-dim float32 rows::
+
+        fit_within_memory(40_960, 64, lambda r: fit_learned(stats, r, LearnedFitParams(mapper_bytes=8192)))
+    """
+    lo, hi = min_rows, total_bytes // row_bytes
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mapper = fit(mid)
+        if mid * row_bytes + mapper.nbytes <= total_bytes:
+            best, lo = mapper, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise MappingError(f"no mapper with >= {min_rows} rows of {row_bytes} bytes fits in {total_bytes} bytes")
+    return best
+
+
 def _unseen_rows(stats: IdStats, tail_idx: np.ndarray, shared: int) -> int:
     """Rows of the ``shared`` ones to reserve for unseen ids so that, in expectation, a
     reserved row carries the same access mass as a cluster row. The share of future
@@ -326,10 +420,12 @@ def mapping_report(mapper: IdMapper, stats: IdStats) -> dict[str, Any]:
     rows), ``rows_used``, ``shared_rows`` and the bucket mass balance over rows shared by
     two or more ids: ``mass_max_over_mean`` and ``mass_cv`` (coefficient of variation).
     Rows owned by one hot id are left out of the balance: they are unbalanced on purpose.
-    A two-lookup mapper counts each of an id's rows."""
+    A two-lookup mapper counts each of an id's rows. ``mapper_bytes``: the mapper's own
+    memory (``IdMapper.nbytes``), to add to the embedding table's."""
     if stats.distinct == 0:
         return {"distinct_ids": 0, "rows": mapper.rows, "rows_used": 0, "colliding_ids": 0,
-                "collision_mass": 0.0, "shared_rows": 0, "mass_max_over_mean": 0.0, "mass_cv": 0.0}
+                "collision_mass": 0.0, "shared_rows": 0, "mass_max_over_mean": 0.0, "mass_cv": 0.0,
+                "mapper_bytes": mapper.nbytes}
     rows = mapper.map(stats.ids)
     rows = rows.reshape(-1, stats.distinct) if rows.ndim == 2 else rows[None, :]
     per_row_ids = np.zeros(mapper.rows, dtype=np.int64)
@@ -352,6 +448,7 @@ def mapping_report(mapper: IdMapper, stats: IdStats) -> dict[str, Any]:
         "shared_rows": int(used.size),
         "mass_max_over_mean": float(used.max() / mean) if mean > 0 else 0.0,
         "mass_cv": float(used.std() / mean) if mean > 0 else 0.0,
+        "mapper_bytes": mapper.nbytes,
     }
 
 
@@ -402,7 +499,8 @@ def _fit_feature(kind: FitKind, stats: IdStats, feature: str, rows: int, params:
                  table: np.ndarray | None, table_mappings: MappingSet) -> tuple[IdMapper, np.ndarray | None]:
     """One feature's fitted mapper and the embedding vectors it used (None: none)."""
     if kind is FitKind.FREQUENCY:
-        return fit_frequency(stats, rows, hot_fraction=params.hot_fraction, seed=params.seed), None
+        return fit_frequency(stats, rows, hot_fraction=params.hot_fraction, seed=params.seed,
+                             mapper_bytes=params.mapper_bytes), None
     emb = None
     if table is not None and params.embedding_weight > 0:
         emb = embedding_vectors(stats.ids, table_mappings[feature], table, params.embedding_components)

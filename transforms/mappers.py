@@ -96,6 +96,12 @@ class IdMapper(abc.ABC):
                    version: int) -> "IdMapper":
         """Rebuild a mapper from ``state()``; ``version`` is the stored format version."""
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the mapper's lookup structures (0 for a pure hash): what it adds to the
+        embedding table's memory."""
+        return 0
+
     def to_bytes(self) -> bytes:
         params, arrays = self.state()
         metas, chunks = [], []

@@ -2,7 +2,7 @@
 
 Each section is declared by the package that uses it (``streams.config``,
 ``transforms.config``, ``storage.config``, ``trainer.config``, ``engine.config.pipeline``,
-``engine.config.metrics``);
+``engine.config.metrics``, ``engine.config.export``);
 this module composes them into ``HeadraceConfig`` and loads it from TOML.
 
 Example:
@@ -23,6 +23,7 @@ from typing import Any
 import tomllib
 
 from engine.config._loader import ConfigContext, build_section
+from engine.config.export import ExportConfig
 from engine.config.metrics import MetricsConfig
 from engine.config.pipeline import PipelineConfig, RunnerKind
 from engine.errors import ConfigError
@@ -30,7 +31,10 @@ from storage.config import CacheConfig, CacheDurability
 from streams.config import KafkaClientKind, SourceConfig, SourceKind, StartPosition
 from trainer.config import (
     CommPrecision,
+    CrossStructure,
     DeviceKind,
+    ModelConfig,
+    ModelKind,
     OptimizerKind,
     RowCacheConfig,
     RowCachePolicy,
@@ -58,6 +62,7 @@ __all__ = [
     "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "CacheDurability", "TrainerConfig",
     "OptimizerKind", "HashConfig", "FitKind", "ShardingConfig", "ShardingType", "DeviceKind",
     "CommPrecision", "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind", "MetricsConfig",
+    "ModelConfig", "ModelKind", "CrossStructure", "ExportConfig",
 ]
 
 
@@ -73,6 +78,8 @@ class HeadraceConfig:
     sharding: ShardingConfig = ShardingConfig()
     row_cache: RowCacheConfig = RowCacheConfig()
     metrics: MetricsConfig = MetricsConfig()
+    model: ModelConfig = ModelConfig()
+    export: ExportConfig = ExportConfig()
 
     def __post_init__(self):
         for s in self.schema.sparse:
@@ -85,7 +92,7 @@ class HeadraceConfig:
     def train_spec(self) -> TrainSpec:
         """The sections the trainer reads (``trainer.config.TrainSpec``)."""
         return TrainSpec(schema=self.schema, trainer=self.trainer, sharding=self.sharding,
-                         row_cache=self.row_cache, cache=self.cache)
+                         row_cache=self.row_cache, cache=self.cache, model=self.model)
 
 
 def config_from_dict(data: dict[str, Any], file: str = "<dict>") -> HeadraceConfig:

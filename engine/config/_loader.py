@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.errors import ConfigError
 
-__all__ = ["build_section", "ConfigContext"]
+__all__ = ["build_section", "section_to_data", "ConfigContext"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +124,19 @@ def build_section(cls: type, data: Any, ctx: ConfigContext) -> Any:
         raise
     except (ValueError, TypeError) as exc:
         raise ctx.error(str(exc)) from None
+
+
+def section_to_data(value: Any) -> Any:
+    """The TOML-shaped data of a config value (the inverse of ``build_section``): dataclasses
+    as tables of their init fields, enums as their values, tuples as lists, tables as dicts;
+    ``build_section`` of the result gives back an equal value (None fields are kept, so
+    write the result as JSON, not TOML)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: section_to_data(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [section_to_data(v) for v in value]
+    if isinstance(value, (dict, types.MappingProxyType)):
+        return {k: section_to_data(v) for k, v in value.items()}
+    return value

@@ -58,6 +58,18 @@ def test_scheduler_fits_once_per_period_and_skips_without_data(tmp_path):
         assert rows.min() >= 0 and rows.max() < 64
         now[0] += 10.0
         assert sched.maybe_refit()["version"] == 2
+    # Old versions are pruned after each fit ([hash] keep_mappings), never one a reader may
+    # still meet: the oldest cached batch carries version 0, so versions 1 and 2 stay ...
+    cfg = make_cfg(tmp_path, keep_mappings=2)
+    with BatchCache(cfg.cache.path) as cache:
+        assert fit_from_cache(cfg, cache=cache)["pruned_versions"] == []
+        assert mapping_store(cfg).versions() == [1, 2, 3]
+    # ... until retention has dropped every batch older than version 3
+    with BatchCache(cfg.cache.path, max_bytes=1) as cache:
+        ingest(cache, cfg, 1610, 10)
+        assert cache.oldest_mapping_version() == 3
+        assert fit_from_cache(cfg, cache=cache)["pruned_versions"] == [1, 2]
+    assert mapping_store(cfg).versions() == [3, 4]
 
 
 def test_frequency_fit_kind_and_errors(tmp_path):

@@ -75,3 +75,16 @@ def test_directory_rule_and_pickling(tmp_path):
     store = MappingStore.from_config(HashConfig(), cache)
     assert store.directory == mappings_dir(HashConfig(), cache)
     assert pickle.loads(pickle.dumps(store)) == store  # Beam ships it to every worker
+
+
+def test_prune_keeps_the_newest_and_every_needed_version(tmp_path):
+    store = MappingStore(tmp_path / "maps")
+    for v in range(7):
+        store.save(MappingSet(v, {"c0": ModuloMapper(10), "c1": ModuloMapper(20)}))
+    assert store.prune(0) == [] and store.versions() == list(range(7))  # 0 keeps everything
+    assert store.prune(3, needed_from=2) == [0, 1]  # a reader still needs 2: it stays
+    assert store.versions() == [2, 3, 4, 5, 6]
+    assert store.prune(3) == [2, 3] and store.versions() == [4, 5, 6]
+    assert store.prune(3) == [] and store.prune(10) == []
+    with pytest.raises(MappingError, match="not in"):
+        store.load(version=3)

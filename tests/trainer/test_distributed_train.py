@@ -104,8 +104,13 @@ def config(tmp_path: Path, name: str, cache: Path, ranks: int, *, sharded: bool 
                     "learning_rate": 0.1, "sparse_optimizer": "rowwise_adagrad",
                     "dense_optimizer": "adagrad", "seed": 5,
                     "checkpoint_dir": str(tmp_path / f"{name}-ckpt"), "checkpoint_every_batches": 4,
-                    "metrics_window": 1000, "prefetch_batches": 2, "device": "cpu", "threads": 1},
+                    "metrics_window": 1000, "prefetch_batches": 2, "device": "cpu", "threads": 1,
+                    "warmup_steps": 0},
         "sharding": {"enabled": sharded, "device": "cpu", "tables": FORCED if ranks > 1 else {}},
+        # the model of before [model] (trained_state reads its tables and parameters; warmup
+        # would spend these few batches): tests/trainer/test_model_kinds_gloo.py trains the
+        # first-order tables and the dense normaliser on two ranks
+        "model": {"wide": False, "normalize_dense": False},
     }
     path = write_config(tmp_path, doc, name=f"{name}-{ranks}.toml")
     # arrays of tables are beyond the helper's tiny TOML writer

@@ -115,6 +115,7 @@ def test_migrate_rejects_mismatched_shapes():
 
 def test_migrate_model_moves_fused_rows_and_rowwise_state_in_place():
     from trainer.batch import Jagged
+    from trainer.embedding import collections_of
     from trainer.model import fused_embeddings_from_config
 
     cfg = config_from_dict({"schema": {"dense": [{"name": "x"}],
@@ -125,10 +126,13 @@ def test_migrate_model_moves_fused_rows_and_rowwise_state_in_place():
     out = model(torch.randn(8, 1), {"a": Jagged(torch.arange(8), torch.arange(9)),
                                     "b": Jagged(torch.arange(8) * 2, torch.arange(9))})
     out.sum().backward()
-    emb.sparse_step()
+    collections = collections_of(model)  # the embeddings, and the wide part's 1-wide rows
+    for collection in collections.values():
+        collection.sparse_step()
     st = stats(100, seed=2)
     old = {"a": ModuloMapper(32), "b": ModuloMapper(16)}
     new = {"a": fit_learned(st, 32), "b": old["b"]}
+    wide0 = {name: c.per_table_weights()["a"].clone() for name, c in collections.items()}
     wa0 = emb.per_table_weights()["a"].clone()
     sa0 = emb.state_sum[:32].clone()
     b0 = emb.per_table_weights()["b"].clone()
@@ -142,6 +146,10 @@ def test_migrate_model_moves_fused_rows_and_rowwise_state_in_place():
                                reference(sa0[:, None].numpy(), old["a"], new["a"], st.ids, st.counts,
                                          state=True)[:, 0], rtol=1e-5, atol=1e-6)
     assert torch.equal(emb.per_table_weights()["b"], b0)
+    for name, collection in collections.items():  # every collection's table "a" moved alike
+        np.testing.assert_allclose(collection.per_table_weights()["a"].numpy(),
+                                   reference(wide0[name].numpy(), old["a"], new["a"], st.ids, st.counts),
+                                   rtol=1e-5, atol=1e-6)
     # and the checkpoint reader splits the fused buffer back into tables
     from trainer.migrate import _checkpoint_table_rows
     rows = _checkpoint_table_rows(model.state_dict(), cfg)

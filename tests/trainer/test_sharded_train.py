@@ -43,6 +43,8 @@ def make_cfg(forced: dict[str, str], *, devices_per_host: int = 0, precision: st
              row_cache: dict | None = None):
     return config_from_dict({
         "row_cache": row_cache or {},
+        # the embedding tables alone: tests/trainer/test_model_kinds.py shards the first-order ones
+        "model": {"wide": False},
         "schema": {"dense": [{"name": "x0"}, {"name": "x1"}],
                    "sparse": [{"name": n, "rows": r, "multi": n == "b"} for n, r in TABLES.items()]},
         "trainer": {"embedding_dim": 8, "bottom_mlp": [8], "top_mlp": [8], "batch_size": GLOBAL_BATCH,

@@ -21,7 +21,7 @@ def _cfg():
 def _train(kind, sparse, steps=5):
     model = DLRM.from_config(_cfg())
     if sparse:
-        assert use_sparse_gradients(model) == 2
+        assert use_sparse_gradients(model) == 4  # u, v and their first-order (1-wide) bags
     opt = build_optimizer(kind, model.parameters(), 0.1)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

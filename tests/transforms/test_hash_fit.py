@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.errors import MappingError
+from transforms.config import HashConfig
 from transforms.hash_fit import (
     IdStats,
     LearnedFitParams,
@@ -13,8 +14,10 @@ from transforms.hash_fit import (
     embedding_vectors,
     fit_frequency,
     fit_learned,
+    fit_within_memory,
     mapping_report,
 )
+from transforms.hash_kernels import table_entries_within, table_nbytes
 from transforms.mappers import ModuloMapper, load_mapper
 from transforms.sketch import CountMinSketch
 
@@ -69,15 +72,25 @@ def test_learned_fit_balances_access_mass_across_shared_rows():
     assert rep["mass_cv"] < 0.5 * freq["mass_cv"]
 
 
+def population(ids):
+    """Two planted populations, by a hash of the id."""
+    return ((ids.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(63)).astype(bool)
+
+
+def ctr_of(ids):
+    return np.where(population(ids), 0.05, 0.6)
+
+
+def mass_purity(rows, ids, counts, nrows):
+    """Access-weighted share of each row's mass that comes from its majority population."""
+    even = population(ids).astype(np.float64)
+    mass = np.bincount(rows, weights=counts, minlength=nrows)
+    share = np.bincount(rows, weights=even * counts, minlength=nrows)[mass > 0] / mass[mass > 0]
+    return float((np.maximum(share, 1 - share) * mass[mass > 0]).sum() / mass.sum())
+
+
 def test_learned_fit_groups_ids_with_similar_click_rates():
-    # two planted populations (by a hash of the id): click rates 0.05 and 0.6; clusters
-    # should not mix them
-    def population(ids):
-        return ((ids.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(63)).astype(bool)
-
-    def ctr_of(ids):
-        return np.where(population(ids), 0.05, 0.6)
-
+    # two planted populations: click rates 0.05 and 0.6; clusters should not mix them
     st = zipf_stats(40_000, seed=2, ctr_of=ctr_of)
     st = IdStats(st.ids, st.counts * 50, st.label_sums * 50)  # enough events per id to tell
     m = fit_learned(st, 1000, LearnedFitParams(hot_fraction=0.0, reserve_fraction=0.01))
@@ -91,6 +104,55 @@ def test_learned_fit_groups_ids_with_similar_click_rates():
     mod = ModuloMapper(1000).map(st.ids)
     share_mod = np.bincount(mod, weights=even, minlength=1000) / np.bincount(mod, minlength=1000)
     assert np.maximum(share_mod, 1 - share_mod).mean() < 0.7
+
+
+def test_learned_fit_within_mapper_bytes_codes_the_tail():
+    st = zipf_stats(20_000, seed=2, ctr_of=ctr_of)
+    st = IdStats(st.ids, st.counts * 50, st.label_sums * 50)
+    p = LearnedFitParams(reserve_fraction=0.01, mapper_bytes=20_000)
+    m = fit_learned(st, 1000, p)
+    assert m.nbytes <= 20_000 < table_nbytes(st.distinct)  # the exact fit would not fit
+    assert m.hot == m.entries == 250 and m.codes.dtype == np.uint16 and m.codes.size > 6000
+    hot_ids = st.ids[np.lexsort((st.ids, -st.counts))[:250]]
+    assert sorted(m.map(hot_ids).tolist()) == list(range(250))
+    tail = ~np.isin(st.ids, hot_ids)
+    rows = m.map(st.ids[tail])  # every seen tail id's code bucket has a cluster
+    assert rows.min() >= 250 and rows.max() < m.fallback_base == 990
+    # the heaviest id of a bucket steers its cluster: rows stay far purer than hashing's
+    assert mass_purity(rows, st.ids[tail], st.counts[tail], 1000) > 0.75
+    mod = ModuloMapper(1000).map(st.ids[tail])
+    assert mass_purity(mod, st.ids[tail], st.counts[tail], 1000) < 0.7
+    assert fit_learned(st, 1000, p).to_bytes() == m.to_bytes() and load_mapper(m.to_bytes()) == m
+    assert mapping_report(m, st)["mapper_bytes"] == m.nbytes
+    # no room for codes: the tail is hashed over every row the hot ids leave
+    small = fit_learned(st, 1000, LearnedFitParams(mapper_bytes=640))
+    assert small.codes.size == 0 and small.hot == table_entries_within(640)
+    assert (small.fallback_base, small.fallback_rows) == (small.hot, 1000 - small.hot)
+
+
+def test_fit_within_memory_takes_the_most_rows_that_fit():
+    st = zipf_stats(5000)
+
+    def fit(rows):
+        return fit_frequency(st, rows, hot_fraction=0.5)
+    m = fit_within_memory(40_000, 64, fit)
+    assert m.rows * 64 + m.nbytes <= 40_000 < (m.rows + 1) * 64 + fit(m.rows + 1).nbytes
+    assert m.rows < 40_000 // 64  # the id table took rows away
+    with pytest.raises(MappingError, match="fits in 100 bytes"):
+        fit_within_memory(100, 64, fit)
+
+
+def test_mapper_bytes_cap_frequency_fits_and_come_from_config():
+    st = zipf_stats(5000)
+    m = fit_frequency(st, 1000, hot_fraction=0.5, mapper_bytes=640)
+    assert m.hot == table_entries_within(640) and m.nbytes <= 640
+    with pytest.raises(MappingError, match="cannot hold even an empty id table"):
+        fit_frequency(st, 1000, mapper_bytes=10)
+    assert LearnedFitParams.from_config(HashConfig(max_mapper_bytes=4096)).mapper_bytes == 4096
+    with pytest.raises(ValueError, match="max_mapper_bytes"):
+        HashConfig(max_mapper_bytes=10)
+    with pytest.raises(MappingError, match="mapper_bytes"):
+        LearnedFitParams(mapper_bytes=-1)
 
 
 def test_learned_fit_small_vocabulary_gets_own_rows():
