@@ -34,10 +34,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from storage.disk_space import disk_full_error, is_disk_full_errno
 
@@ -87,3 +88,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
                        durable: bool = True) -> None:
     """Replace ``path`` atomically with ``data`` (see ``atomic_write``)."""
     atomic_write(path, lambda fh: fh.write(data), durable=durable)
+
+
+def read_json_manifest(file: str | os.PathLike[str], *, fmt: Any, what: str,
+                       error: type[Exception]) -> dict[str, Any] | None:
+    """The JSON document at ``file`` whose ``"format"`` must equal ``fmt`` (None when the
+    file does not exist); ``error`` naming ``what`` when it is not JSON or of another format."""
+    try:
+        with open(file, "rb") as fh:
+            doc = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise error(f"{file}: not a valid {what} ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        got = doc.get("format") if isinstance(doc, dict) else None
+        raise error(f"{file}: {what} format {got!r}, this headrace reads format {fmt}")
+    return doc

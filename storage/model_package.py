@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from storage.atomic import fsync_path
+from storage.atomic import fsync_path, read_json_manifest
 from storage.disk_space import disk_full_error, is_disk_full_errno
 from storage.errors import ModelPackageError
 
@@ -178,18 +178,11 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of the package at ``path``; ``ModelPackageError`` when there is none
     (not a package, or an export that never finished) or it is of another format."""
     path = os.fspath(path)
-    file = os.path.join(path, MANIFEST)
-    try:
-        with open(file, "rb") as fh:
-            doc = json.loads(fh.read())
-    except FileNotFoundError:
+    doc = read_json_manifest(os.path.join(path, MANIFEST), fmt=PACKAGE_FORMAT, what="model package manifest",
+                             error=ModelPackageError)
+    if doc is None:
         raise ModelPackageError(f"{path} is not a model package (no {MANIFEST}); export one with "
-                                "`headrace export -c CONFIG --out DIR`") from None
-    except ValueError as exc:
-        raise ModelPackageError(f"{file}: not valid JSON ({exc})") from None
-    if doc.get("format") != PACKAGE_FORMAT:
-        raise ModelPackageError(f"{file}: package format {doc.get('format')!r}, this headrace reads "
-                                f"format {PACKAGE_FORMAT}")
+                                "`headrace export -c CONFIG --out DIR`")
     return doc
 
 

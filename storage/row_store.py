@@ -41,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from storage.atomic import atomic_write_bytes, fsync_path
+from storage.atomic import atomic_write_bytes, fsync_path, read_json_manifest
 from storage.disk_space import disk_full_error, disk_usage, is_disk_full_errno
 from storage.errors import CheckpointError
 from storage.row_store_format import (
@@ -391,18 +391,8 @@ class RowStore:
 def read_store_manifest(path: str) -> dict | None:
     """The manifest of the row store at ``path`` (None: no store there yet); read-only.
     ``CheckpointError`` when it is damaged or of another format."""
-    file = os.path.join(path, MANIFEST_NAME)
-    try:
-        with open(file, "rb") as fh:
-            manifest = json.loads(fh.read())
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:
-        raise CheckpointError(f"{file}: not a valid row store manifest ({exc})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: row store format {manifest.get('format')!r}, this "
-                              f"headrace reads format {FORMAT_VERSION}")
-    return manifest
+    return read_json_manifest(os.path.join(path, MANIFEST_NAME), fmt=FORMAT_VERSION, what="row store manifest",
+                              error=CheckpointError)
 
 
 def _write_all(fd: int, data: bytes) -> None:

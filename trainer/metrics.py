@@ -40,10 +40,11 @@ def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     n_neg = int(pos.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(scores, kind="mergesort")
+    order = np.argsort(scores)  # ties get their group's average rank: no stable sort needed
     sorted_scores = scores[order]
-    # Average rank (1-based) of each group of equal scores.
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    # Average rank (1-based) of each group of equal scores (one pass over the sorted scores).
+    first = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    counts = np.diff(np.r_[first, sorted_scores.size])
     avg_rank_of_group = first + (counts + 1) / 2.0
     ranks = np.empty(scores.size, dtype=np.float64)
     ranks[order] = np.repeat(avg_rank_of_group, counts)

@@ -15,7 +15,6 @@ fp32): weights, and optimizer state relative to its magnitude.
 from __future__ import annotations
 
 import os
-import traceback
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.config import config_from_dict
+from tests.trainer.rank_worker import rank_errors_to
 from tests.trainer.test_sharded_train import TABLES, bce, make_batches, state_names
 from trainer.batch import TrainBatch
 
@@ -128,9 +128,7 @@ def tables_and_states(collections: dict, cfgs: dict, full_table=None) -> dict:
 def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: list[dict], changes: tuple) -> None:
     """One rank: for each job, train the sharded model ``STEPS`` steps on its slice of each
     batch, migrate, and (rank 0) save the reassembled tables and state as ``<name>.pt``."""
-    import torch.distributed as dist
-
-    try:
+    with rank_errors_to(out_dir, rank):
         from trainer.dist import init_process_group
         from trainer.migrate import migrate_model
         from trainer.planner import plan_from_config
@@ -153,13 +151,6 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: li
             if rank == 0:
                 res["layout"] = {t.name: t.sharding.value for t in plans["deep"].tables}
                 torch.save(res, os.path.join(out_dir, job["name"] + ".pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_jobs(out, world: int, jobs: list[dict], changes: tuple) -> dict[str, dict]:

@@ -10,13 +10,12 @@ sums of squares), so metrics agree to 1e-5.
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.trainer.rank_worker import rank_errors_to
 from tests.trainer.test_distributed_train import SIZES, fill_cache
 from tests.trainer.test_model_kinds import KINDS, make_cfg, run_sharded_one_rank
 from trainer.loop import ContinuousTrainer
@@ -39,7 +38,7 @@ def worker(rank: int, world: int, root: str, out: str) -> None:
     from trainer.dist import init_process_group
     from trainer.distributed_loop import DistributedTrainer
 
-    try:
+    with rank_errors_to(out, rank):
         torch.set_num_threads(1)
         ctx = init_process_group(rank, world, f"file://{out}/init", device="cpu", timeout_s=120)
         for kind in KINDS:
@@ -47,13 +46,6 @@ def worker(rank: int, world: int, root: str, out: str) -> None:
             if rank == 0:
                 torch.save({k: summary[k] for k in ("auc", "logloss", "trained_samples", "plan")},
                            os.path.join(out, f"{kind}.pt"))
-    except BaseException:
-        with open(os.path.join(out, f"error-{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_kinds_on_two_gloo_ranks_train_like_one_process_and_reshard(tmp_path):

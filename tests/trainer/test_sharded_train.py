@@ -18,13 +18,13 @@ a last-bit difference of the fp32 value tips a rounding (one bf16 step, rare).
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from engine.config import config_from_dict
+from tests.trainer.rank_worker import rank_errors_to
 from trainer.batch import Jagged, TrainBatch
 from trainer.model import DLRM, fused_embeddings_from_config
 from trainer.optim import build_optimizer
@@ -131,7 +131,7 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: li
     layout."""
     import torch.distributed as dist
 
-    try:
+    with rank_errors_to(out_dir, rank):
         from trainer.dist import init_process_group
         from trainer.planner import plan_from_config
         from trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
@@ -177,13 +177,6 @@ def sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: li
                 torch.save({"losses": losses, "tables": tables, "states": states, "layout": layout,
                             "steps": emb.sparse_steps},
                            os.path.join(out_dir, job["name"] + ".pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_jobs(out, world: int, jobs: list[dict], device: str = "cpu") -> dict[str, dict]:
