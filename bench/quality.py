@@ -17,7 +17,10 @@ Protocol (the same for every learner, on the same events in the same order):
   protocols: the models' (``lr_auc``: each training batch scored, then one update with the
   gradient of its mean loss; the comparison the targets use) and one event at a time
   (``lr_per_example_auc``: Vowpal Wabbit's protocol, each event scored before its update),
-  which a batch learner cannot match early in a stream (see README "Tuning").
+  which a batch learner cannot match early in a stream (see README "Tuning"). The
+  per-batch baseline accumulates the squared batch gradient of each coordinate; the models'
+  first-order rows by default the squared per-lookup gradients (``[model]
+  first_order_accumulator``), which tracks the per-event step sizes more closely.
   Scores of models and baseline go through the same ``ProgressiveMetrics``.
 
 Datasets:
@@ -79,8 +82,8 @@ KINDS = ("dlrm", "dcn_v2", "linear")
 DATASETS = ("synthetic", "shop_events")
 LR_RATES = (0.03, 0.1, 0.3)  # per-coordinate Adagrad; the best of the three is reported
 AUC_SLACK = 0.002  # the default kind must be within this of the best kind's AUC
-# AUC differences below this are rounding (the linear kind is the baseline's learner in fp32:
-# at the same rate their AUCs agree to ~1e-9)
+# AUC differences below this are rounding (the linear kind with model.first_order_accumulator=batch
+# is the per-batch baseline's learner in fp32: at the same rate their AUCs agree to ~1e-9)
 AUC_TIE = 1e-6
 
 

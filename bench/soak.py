@@ -138,6 +138,13 @@ def _rss_anon_mb(pid: int) -> float | None:
     return None
 
 
+def _pid_names(pids: dict) -> dict[int, str]:
+    """``serve``'s status ``pids`` as {pid: name}; ``pipelines`` names each pipeline worker."""
+    names = {v: k for k, v in pids.items() if isinstance(v, int)}
+    names.update({v: k for k, v in (pids.get("pipelines") or {}).items() if isinstance(v, int)})
+    return names
+
+
 def _label(pid: int, names: dict[int, str]) -> str:
     if pid in names:
         return names[pid]
@@ -241,7 +248,7 @@ def run(args) -> dict:
                 time.sleep(args.sample_s)
                 now = time.monotonic()
                 st = _read_json(status_path)
-                names = {v: k for k, v in (st.get("pids") or {}).items() if v}
+                names = _pid_names(st.get("pids") or {})
                 rss = {_label(p, names): _rss_anon_mb(p) for p in _tree(serve.pid)}
                 rss = {k: v for k, v in rss.items() if v is not None}
                 trainer = st.get("trainer") or {}

@@ -4,7 +4,9 @@ Sources: files (``.jsonl``, ``.tsv``, ``.csv``, each optionally ``.gz``; one eve
 or per CSV record) or a
 Kafka topic between two offsets or two timestamps. A backfill is resumable and idempotent:
 each file is a partition of its own in the cache's offsets, so running the same backfill
-again (or after a crash) reads only what is not cached yet.
+again (or after a crash) reads only what is not cached yet. Files are split between
+``[pipeline] workers`` processes (and ``[source] member`` hosts): file i of the sorted list
+goes where partition i would (``streams.assignment``); a Kafka range runs in one process.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import time
 from engine.config import HeadraceConfig
 from engine.errors import ConfigError, SourceError
 from engine.health import open_endpoint
-from engine.pipeline import apply_graph, make_pipeline, resume_offsets
+from engine.pipeline import make_pipeline, resume_offsets, run_bounded
 from engine.plugins import load_plugins
-from engine.processes import child_failure, spawn_child
 from engine.progress import ProgressLine, format_rate
+from engine.workers import WorkerGroup, plan_file_workers
 from storage.batch_cache import BatchCache
 
 __all__ = ["KafkaRange", "parse_time_ms", "expand_paths", "backfill", "backfill_pipeline_main"]
@@ -92,7 +94,7 @@ def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_r
     """Child process (or inline): the bounded pipeline over files or a Kafka range. Its cache
     writer leaves metrics snapshots in ``metrics_dir`` (``engine.metrics``; None: none)."""
     offsets = resume_offsets(cfg)
-    pipeline = make_pipeline(cfg, streaming=False)
+    pipeline = make_pipeline(cfg, streaming=False, parallelism=len(paths) if paths else None)
     if paths:
         from streams.replay import ReadLogFiles
 
@@ -106,8 +108,7 @@ def backfill_pipeline_main(cfg: HeadraceConfig, paths: list[str] | None, kafka_r
             cfg.source, r.topic, from_offsets=r.start_offset, to_offsets=r.end_offset,
             from_time_ms=r.start_time_ms, to_time_ms=r.end_time_ms, start_offsets=offsets,
         )
-    apply_graph(source, cfg, metrics_dir=metrics_dir)
-    pipeline.run().wait_until_finish()
+    run_bounded(pipeline, source, cfg, metrics_dir=metrics_dir)
 
 
 def backfill(
@@ -134,25 +135,23 @@ def backfill(
     t0 = time.monotonic()
     metrics_dir = tempfile.mkdtemp(prefix="headrace-backfill-metrics-")
     started_unix_s = time.time()
-    error_path = os.path.join(metrics_dir, "pipeline.error")  # the child's error report, if it fails
-    proc = spawn_child("backfill", backfill_pipeline_main, cfg, paths, kafka_range, metrics_dir,
-                       error_path=error_path)
+    # One worker per share that owns files (errors reported into metrics_dir), or one for a range.
+    proc = WorkerGroup.spawn("pipeline", backfill_pipeline_main, [(cfg, part, kafka_range, metrics_dir) for part in
+                                                                  (plan_file_workers(cfg, paths) if paths else [None])],
+                             error_dir=metrics_dir)
     failure: Exception | None = None
     try:
         with BatchCache.from_config(cfg.cache, readonly=True) as cache, open_endpoint(
                 cfg, "backfill", cache=cache, snapshot_dir=metrics_dir, pipeline=proc,
                 since_unix_s=started_unix_s) as endpoint:
-            while proc.is_alive():
+            while proc.running():
                 _show(progress, cache.counts(), before, t0, total)
                 proc.join(tick_s)
             after = cache.counts()
             _show(progress, after, before, t0, total, force=True)
     finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        if proc.exitcode != 0:
-            failure = child_failure(proc, error_path, "the backfill pipeline", SourceError)
+        proc.kill()  # the workers still running: none after a clean finish
+        failure = proc.failure("the backfill pipeline", SourceError)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     progress.close()
     if failure is not None:

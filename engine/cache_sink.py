@@ -5,7 +5,10 @@ next offset in one transaction) and idempotent (a replayed range is a DUPLICATE)
 step adds is ordering: a runner may deliver a partition's batches out of order, and the
 cache only accepts the batch that continues the stored offset (GAP otherwise). Such a batch
 is held here until its predecessor has been written. Holding is safe across crashes: a held
-batch's offsets were never stored, so after a restart the source reads it again.
+batch's offsets were never stored, so after a restart the source reads it again. Holding in
+the DoFn is correct only where one instance sees every batch of a partition: the in-process
+Direct runner (``serve``, and ``backfill`` on it). A bounded run on any other runner stages
+batches on the workers and imports them here, in the driver (``engine.staged_sink``).
 
 Disk reserve: when a write would dip into ``[cache] disk_reserve_bytes`` (the cache raises
 ``DiskReserveError`` and stores nothing), a streaming writer (``serve``: it has a stop
@@ -34,7 +37,7 @@ from storage.batch_cache import BatchCache, WriteStatus
 from storage.id_stats import IdStatsStore
 from transforms.elements import ProcessedBatch
 
-__all__ = ["WriteToCache", "OrderedCacheWriter", "WriteBehind", "IngestAbandoned", "RESERVE_POLL_S"]
+__all__ = ["WriteToCache", "CacheSession", "OrderedCacheWriter", "WriteBehind", "IngestAbandoned", "RESERVE_POLL_S"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,46 @@ class WriteBehind:
         self._thread.join()
 
 
+class CacheSession:
+    """One process's cache writer: the cache (with its id statistics when enabled), the
+    ``OrderedCacheWriter`` on it and, with ``metrics_dir``, the ingest metrics and their
+    snapshots. Shared by the in-graph writer (``WriteToCache``) and the driver-side import
+    of staged batches (``engine.staged_sink``). ``stop``: see ``OrderedCacheWriter``."""
+
+    def __init__(self, cfg: HeadraceConfig, *, stop: Callable[[], bool] | None = None,
+                 metrics_dir: str | None = None):
+        self.cache = BatchCache.from_config(cfg.cache)
+        self.metrics = self._snapshots = None
+        try:
+            if cfg.hash.stats_enabled:
+                # Id frequencies for fitting learned hashes, updated in each batch's write txn.
+                IdStatsStore.attach(self.cache, cfg.schema, cfg.hash)
+            if metrics_dir:
+                metrics = self.metrics = IngestMetrics()
+                self._snapshots = SnapshotWriter(metrics_dir, "ingest", metrics.snapshot,
+                                                 every_s=cfg.metrics.snapshot_every_s,
+                                                 version=lambda: metrics.version)
+        except BaseException:
+            self.cache.close()
+            raise
+        self.writer = OrderedCacheWriter(self.cache, stop=stop,
+                                         on_written=self.metrics.record if self.metrics else None)
+
+    def close(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.close()
+        if self.writer.held_batches:
+            log.error("cache writer stopped with %d batches waiting for a predecessor; they "
+                      "will be read again from the source on the next run", self.writer.held_batches)
+        self.cache.close()
+
+    def __enter__(self) -> "CacheSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _WriteDoFn(beam.DoFn):
     def __init__(self, cfg: HeadraceConfig, progress_every_s: float, stop_file: str | None,
                  metrics_dir: str | None = None):
@@ -208,19 +251,9 @@ class _WriteDoFn(beam.DoFn):
         self.metrics_dir = metrics_dir
 
     def setup(self):
-        self._cache = BatchCache.from_config(self.cfg.cache)
-        if self.cfg.hash.stats_enabled:
-            # Id frequencies for fitting learned hashes, updated in each batch's write txn.
-            IdStatsStore.attach(self._cache, self.cfg.schema, self.cfg.hash)
         stop = StopFile(self.stop_file).requested if self.stop_file else None
-        self._metrics = self._snapshots = None
-        if self.metrics_dir:
-            self._metrics = IngestMetrics()
-            self._snapshots = SnapshotWriter(self.metrics_dir, "ingest", self._metrics.snapshot,
-                                             every_s=self.cfg.metrics.snapshot_every_s,
-                                             version=lambda: self._metrics.version)
-        self._writer = OrderedCacheWriter(self._cache, stop=stop,
-                                          on_written=self._metrics.record if self._metrics else None)
+        self._session = CacheSession(self.cfg, stop=stop, metrics_dir=self.metrics_dir)
+        self._writer = self._session.writer
         self._behind = WriteBehind(self._writer)
         self._last_log = time.monotonic()
 
@@ -243,16 +276,9 @@ class _WriteDoFn(beam.DoFn):
             if behind.abandoned:
                 log.warning("stopped while ingest was paused at the disk reserve: %d batches were not written; "
                             "the next run reads them again from the source", behind.abandoned)
-        snapshots = getattr(self, "_snapshots", None)
-        if snapshots is not None:
-            snapshots.close()
-        writer = getattr(self, "_writer", None)
-        if writer is not None and writer.held_batches:
-            log.error("cache writer stopped with %d batches waiting for a predecessor; they "
-                      "will be read again from the source on the next run", writer.held_batches)
-        cache = getattr(self, "_cache", None)
-        if cache is not None:
-            cache.close()
+        session = getattr(self, "_session", None)
+        if session is not None:
+            session.close()
 
 
 class WriteToCache(beam.PTransform):

@@ -40,6 +40,7 @@ from prometheus_client.process_collector import ProcessCollector
 from engine.config import HeadraceConfig
 from engine.lag import LagMonitor
 from engine.metrics import HeadraceCollector, Snapshot, TrainerReporter, partition_labels
+from engine.workers import WorkerGroup
 from storage.atomic import atomic_write_bytes
 from storage.batch_cache import BatchCache
 
@@ -81,15 +82,21 @@ def _reported_since(snap: Snapshot, kind: str, since_unix_s: float) -> bool:
 
 
 def pipeline_check(merged: Callable[[], Snapshot], *, alive: Callable[[], bool],
-                   started_unix_s: float) -> Callable[[], CheckResult]:
-    """The ``pipeline`` check: the child runs and its cache writer has reported since it started."""
+                   started_unix_s: float, workers: int = 1) -> Callable[[], CheckResult]:
+    """The ``pipeline`` check: the child (every one of ``workers`` pipeline processes) runs
+    and its cache writer has reported since it started."""
 
     def check() -> CheckResult:
         if not alive():
-            return CheckResult(False, "the pipeline process is not running")
-        if not _reported_since(merged(), "ingest", started_unix_s):
-            return CheckResult(False, "the pipeline is starting (its cache writer has not reported yet)")
-        return CheckResult(True, "reading")
+            what = "the pipeline process is" if workers == 1 else "a pipeline worker process is"
+            return CheckResult(False, f"{what} not running")
+        ingest = merged().get("reported", {}).get("ingest", {})
+        ready = sum(1 for unix_s in ingest.values() if unix_s >= started_unix_s)
+        if ready < workers:
+            return CheckResult(False, "the pipeline is starting (its cache writer has not reported yet)"
+                               if workers == 1 else f"the pipeline is starting ({ready} of {workers} workers' "
+                                                    "cache writers have reported)")
+        return CheckResult(True, "reading" if workers == 1 else f"reading ({workers} workers)")
 
     return check
 
@@ -318,16 +325,19 @@ def open_endpoint(cfg: HeadraceConfig, command: str, *, cache: CacheSource, snap
                   lag: LagMonitor | None = None, since_unix_s: float | None = None) -> ServiceEndpoint:
     """The endpoint of one command run, started: cache gauges from ``cache`` (open for the
     endpoint's life, or a function returning it, None while not open yet), children's snapshots from ``snapshot_dir``, readiness checks for what
-    is given (``pipeline``/``trainer`` processes; ``trainer_reporter`` for a trainer in this
-    process; ``lag``). ``since_unix_s``: when the children were started (default: now); a
+    is given (``pipeline``/``trainer`` processes, the pipeline a process or an
+    ``engine.workers.WorkerGroup``; ``trainer_reporter`` for a trainer in this process; ``lag``). ``since_unix_s``: when the children were started (default: now); a
     child is ready once it has reported after that."""
     ep = ServiceEndpoint(cfg, command, snapshot_dir)
     ep.add_provider(_cache_provider(cache, lag))
     merged = ep.collector.merged
     now = time.time() if since_unix_s is None else since_unix_s
     if pipeline is not None:
-        ep.add_child("pipeline", pipeline)
-        ep.readiness.add("pipeline", pipeline_check(merged, alive=pipeline.is_alive, started_unix_s=now))
+        children = pipeline.children() if isinstance(pipeline, WorkerGroup) else [("pipeline", pipeline)]
+        for name, proc in children:
+            ep.add_child(name, proc)
+        ep.readiness.add("pipeline", pipeline_check(merged, alive=pipeline.is_alive, started_unix_s=now,
+                                                    workers=len(children)))
     if trainer is not None or trainer_reporter is not None:
         if trainer is not None:
             ep.add_child("trainer", trainer)

@@ -4,8 +4,10 @@ Runs in a background thread of the supervisor: every ``every_s`` it reads the ca
 offsets, asks the brokers for each partition's high watermark, and commits the cache's
 offsets to the consumer group so standard lag monitors (kafka-consumer-groups, Burrow)
 see headrace's progress. The group commit is never read back: the cache's offsets are
-the source of truth for resuming. On the embedded broker (Tansu) high watermarks can be
-under-reported, so lag there is approximate; real Kafka is exact.
+the source of truth for resuming. With ``[source] member = "i/n"`` only this host's
+partitions are measured and committed (the others are another host's). On the embedded
+broker (Tansu) high watermarks can be under-reported, so lag there is approximate; real
+Kafka is exact.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 from engine.config import HeadraceConfig
 from engine.errors import HEADRACE_ERRORS
 from storage.batch_cache import BatchCache
+from streams.assignment import Share
 
 __all__ = ["LagMonitor"]
 
@@ -47,8 +50,10 @@ class LagMonitor(threading.Thread):
         offsets = self.cache.next_offsets()
         per_partition: dict[tuple[str, int], int] = {}
         source = self.cfg.source
+        member = Share.for_member(source.member)
         for topic in source.topics:
-            parts = list_partitions(source.bootstrap, topic, client_options=source.client_options)
+            parts = [p for p in list_partitions(source.bootstrap, topic, client_options=source.client_options)
+                     if member.owns(p)]
             cached = offsets.get(topic, {})
             for p, (low, high) in watermark_offsets(source, topic, parts).items():
                 per_partition[(topic, int(p))] = max(int(high) - int(cached.get(p, low)), 0)
@@ -58,7 +63,7 @@ class LagMonitor(threading.Thread):
             from streams.group_offsets import commit_group_offsets
 
             commit_group_offsets(source, {(t, int(p)): o for t, parts_ in offsets.items()
-                                          if t in source.topics for p, o in parts_.items()})
+                                          if t in source.topics for p, o in parts_.items() if member.owns(int(p))})
         return total
 
     def run(self) -> None:

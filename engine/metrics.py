@@ -164,10 +164,13 @@ def read_snapshots(directory: str) -> list[Snapshot]:
 
 
 def merge_snapshots(snaps: Iterable[Snapshot]) -> Snapshot:
-    """Sum counters and histograms over all snapshots; gauges from the newest of each kind."""
+    """Sum counters and histograms over all snapshots; gauges from the newest of each kind.
+    ``reported``: per kind, each reporting pid's newest ``unix_s`` (several pipeline
+    workers report ``ingest`` each; ``engine.health`` waits for all of them)."""
     counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
     hists: dict[str, dict[tuple, BucketHistogram]] = defaultdict(dict)
     newest: dict[str, Snapshot] = {}
+    reported: dict[str, dict[int, float]] = defaultdict(dict)
     for snap in snaps:
         for name, samples in snap.get("counters", {}).items():
             for labels, value in samples:
@@ -183,6 +186,9 @@ def merge_snapshots(snaps: Iterable[Snapshot]) -> Snapshot:
                     have.counts += h.counts
                     have.sum += h.sum
         kind = snap.get("kind", "")
+        pid, unix_s = snap.get("pid"), snap.get("unix_s", 0)
+        if pid is not None:
+            reported[kind][pid] = max(unix_s, reported[kind].get(pid, unix_s))
         if kind not in newest or snap.get("unix_s", 0) >= newest[kind].get("unix_s", 0):
             newest[kind] = snap
     gauges: dict[str, list] = {}
@@ -193,6 +199,7 @@ def merge_snapshots(snaps: Iterable[Snapshot]) -> Snapshot:
         "histograms": {n: [[list(k), h.to_dict()] for k, h in s.items()] for n, s in hists.items()},
         "gauges": gauges,
         "newest": {k: {"pid": s.get("pid"), "unix_s": s.get("unix_s")} for k, s in newest.items()},
+        "reported": {k: dict(v) for k, v in reported.items()},
     }
 
 

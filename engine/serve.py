@@ -13,6 +13,11 @@ raises KeyboardInterrupt (exit 130).
 A SIGKILL at any instant loses nothing: the cache commits batches and offsets together
 and the next run resumes from the cache's offsets.
 
+Workers (``[pipeline] workers = N``, ``[source] member = "i/n"``): the pipeline runs as N
+child processes, each reading the partitions its share owns (``streams.assignment``), all
+writing to the one cache (``engine.workers``). The assignment is logged at start and is
+the summary's ``assignment``; any worker failing stops the service as one pipeline would.
+
 Disk space: while the cache's file system is below ``[cache] disk_reserve_bytes`` the
 pipeline holds its next batch and waits (``engine.cache_sink``), the trainer goes on with
 what is cached, and the progress line says "ingest paused". A child that fails (e.g. a
@@ -38,30 +43,43 @@ from engine.errors import SourceError, TrainerError
 from engine.export import ExportThread
 from engine.health import open_endpoint
 from engine.lag import LagMonitor
+from engine.malloc_tuning import tune_malloc
 from engine.pipeline import apply_graph, make_pipeline, resume_offsets
 from engine.plugins import load_plugins
 from engine.processes import StopFile, child_failure, install_stop_signals, spawn_child
 from engine.progress import ProgressLine, format_rate
 from engine.refit_loop import RefitThread
+from engine.workers import WorkerGroup, plan_kafka_workers
 from storage.atomic import atomic_write_bytes
 from storage.batch_cache import BatchCache
+from streams.assignment import Share
 
-__all__ = ["ServeStatus", "serve", "pipeline_main", "trainer_main"]
+__all__ = ["ServeStatus", "serve", "pipeline_main", "pipeline_process", "trainer_main"]
 
 log = logging.getLogger(__name__)
 
 
-def pipeline_main(cfg: HeadraceConfig, stop_path: str, metrics_dir: str | None = None) -> None:
+def pipeline_main(cfg: HeadraceConfig, stop_path: str, metrics_dir: str | None = None,
+                  share: Share | None = None) -> None:
     """Child process: the streaming Beam pipeline, Kafka -> cache, until the stop file
     (which also ends a wait at the disk reserve: see ``engine.cache_sink``). Its cache
-    writer leaves metrics snapshots in ``metrics_dir`` (``engine.metrics``)."""
+    writer leaves metrics snapshots in ``metrics_dir`` (``engine.metrics``). ``share``: the
+    ``streams.assignment.Share`` of partitions this worker reads (None: all)."""
     from streams.kafka_source import ReadKafkaBatches
 
     offsets = resume_offsets(cfg)
     pipeline = make_pipeline(cfg, streaming=True)
-    source = pipeline | "Kafka" >> ReadKafkaBatches(cfg.source, offsets, stop_file=stop_path)
+    source = pipeline | "Kafka" >> ReadKafkaBatches(cfg.source, offsets, stop_file=stop_path, share=share)
     apply_graph(source, cfg, progress_every_s=10.0, stop_file=stop_path, metrics_dir=metrics_dir)
     pipeline.run().wait_until_finish()
+
+
+def pipeline_process(*args: Any) -> None:
+    """The pipeline worker as ``serve`` starts it: its own process, with glibc malloc tuned
+    for a run of weeks (``engine.malloc_tuning``; the trainer keeps glibc's defaults), then
+    ``pipeline_main(*args)``."""
+    tune_malloc()
+    pipeline_main(*args)
 
 
 def trainer_main(cfg: HeadraceConfig, stop_path: str, progress_path: str, follow: bool = True,
@@ -173,7 +191,7 @@ def serve(
     os.makedirs(cfg.cache.path, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="headrace-run-")
     pipe_stop, train_stop = StopFile(os.path.join(run_dir, "stop-pipeline")), StopFile(os.path.join(run_dir, "stop-trainer"))
-    pipe_error, train_error = os.path.join(run_dir, "pipeline.error"), os.path.join(run_dir, "trainer.error")
+    train_error = os.path.join(run_dir, "trainer.error")
     progress_path = os.path.join(run_dir, "trainer.json") if train else None
     metrics_dir = os.path.join(run_dir, "metrics")  # children's snapshots (engine.metrics)
     lag_path = os.path.join(run_dir, "lag.json")  # the consumer lag, for the trainer's history
@@ -184,8 +202,11 @@ def serve(
     # Fail fast, before any child starts: a broken cache or an unloadable plugin.
     resume_offsets(cfg)
     load_plugins(cfg.pipeline.plugins)
+    plan = plan_kafka_workers(cfg)  # which worker reads which partitions (logged)
     started_unix_s = time.time()
-    pipe = spawn_child("pipeline", pipeline_main, cfg, pipe_stop.path, metrics_dir, error_path=pipe_error)
+    pipe = WorkerGroup.spawn("pipeline", pipeline_process, [(cfg, pipe_stop.path, metrics_dir, share)
+                                                         for share, _ in plan.values()],
+                             error_dir=run_dir, names=list(plan))
     trainer = spawn_child("trainer", trainer_main, cfg, train_stop.path, progress_path, True, metrics_dir,
                           lag_path, error_path=train_error) if train else None
     endpoint = None
@@ -193,9 +214,9 @@ def serve(
     t0 = time.monotonic()
     failure: Exception | None = None
 
-    def join(proc) -> None:
+    def join(proc, alive=None) -> None:
         # Interruptible: a second signal (``forced``) must not wait for a slow flush.
-        while proc.is_alive():
+        while (alive or proc.is_alive)():
             if forced.is_set():
                 raise KeyboardInterrupt("stopped fast on a second signal: children killed without a final "
                                         "flush or checkpoint; the next run resumes from the last checkpoint "
@@ -222,7 +243,8 @@ def serve(
             read_seen, last_change_t = start.read, t0
             disk, disk_t, status_t = cache.disk(), t0, 0.0
             lag_t, lag_written = 0.0, None
-            pids = {"supervisor": os.getpid(), "pipeline": pipe.pid, "trainer": trainer.pid if trainer else None}
+            pids = {"supervisor": os.getpid(), "pipeline": pipe.pid, "pipelines": dict(zip(plan, pipe.pids)),
+                    "trainer": trainer.pid if trainer else None}
             while True:
                 now = time.monotonic()
                 if now - disk_t >= 2.0:
@@ -246,7 +268,7 @@ def serve(
                 if stop_requested.is_set() or (until and until(status)) or (max_seconds and status.elapsed_s >= max_seconds):
                     break
                 if not pipe.is_alive():
-                    failure = child_failure(pipe, pipe_error, "the pipeline process", SourceError, "")
+                    failure = pipe.exited("the pipeline process", SourceError)
                     break
                 if trainer is not None and not trainer.is_alive():
                     failure = child_failure(trainer, train_error, "the trainer process", TrainerError, "")
@@ -261,7 +283,7 @@ def serve(
                 exporter.stop()
                 exporter.join()
             pipe_stop.request()
-            join(pipe)
+            join(pipe, pipe.any_alive)
             if trainer is not None:
                 train_stop.request()
                 join(trainer)
@@ -271,15 +293,15 @@ def serve(
             progress.update(_describe(status, final_rate), force=True, fields=_progress_fields(status, final_rate))
             progress.close()
             cache_stat = cache.stat()
-        if failure is None and pipe.exitcode != 0:
-            failure = child_failure(pipe, pipe_error, "the pipeline process", SourceError, " while stopping")
+        if failure is None:
+            failure = pipe.failure("the pipeline process", SourceError, " while stopping")
         if failure is None and trainer is not None and trainer.exitcode != 0:
             failure = child_failure(trainer, train_error, "the trainer process", TrainerError, " while stopping")
     finally:
-        for proc in (pipe, trainer):
-            if proc is not None and proc.is_alive():
-                proc.kill()
-                proc.join()
+        pipe.kill()
+        if trainer is not None and trainer.is_alive():
+            trainer.kill()
+            trainer.join()
         if endpoint is not None:
             endpoint.close()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -308,4 +330,5 @@ def serve(
         "freshness_p50_s": status.trainer.get("freshness_p50_s"),
         "freshness_p99_s": status.trainer.get("freshness_p99_s"),
         "metrics_address": endpoint.address if endpoint is not None else None,
+        "assignment": {name: topics for name, (_, topics) in plan.items()},
     }

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from streams.assignment import parse_member
+
 __all__ = ["SourceKind", "KafkaClientKind", "StartPosition", "SourceConfig"]
 
 
@@ -43,6 +45,9 @@ class SourceConfig:
     max_message_bytes: int = 1 << 20
     # Extra client properties passed verbatim (security, SASL, ...): name -> value.
     client_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    # "i/n": this host is member i of n hosts splitting the topics' partitions (host i takes
+    # partition p when p mod n == i; see streams.assignment). "0/1": all partitions.
+    member: str = "0/1"
 
     def __post_init__(self):
         if not self.topics:
@@ -53,3 +58,4 @@ class SourceConfig:
             raise ValueError(f"poll_timeout_ms must be >= 1, got {self.poll_timeout_ms}")
         if self.max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be >= 1, got {self.max_message_bytes}")
+        parse_member(self.member)

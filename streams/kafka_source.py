@@ -31,6 +31,11 @@ other partitions start at ``source_cfg.start`` resolved per partition at constru
 Every batch carries ``partition_start`` = the offset this run started the partition at.
 Partitions added to a topic after construction are not read until the pipeline is
 rebuilt (restart ``serve``).
+
+Shares: with ``share`` (a ``streams.assignment.Share``) only the partitions it owns are
+read, so several processes (``[pipeline] workers``) and hosts (``[source] member``) split
+the topics with each partition read by exactly one of them; ``expand`` logs the share's
+partitions.
 """
 
 from __future__ import annotations
@@ -46,13 +51,15 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from streams.admin import list_partitions
+from streams.assignment import Share
 from streams.config import SourceConfig, StartPosition
 from streams.errors import SourceError
 from streams.kafka_client import PartitionReader, open_reader, resolve_start_offsets
 from streams.offsets import log_end_offsets
 from streams.records import SourceBatch
 
-__all__ = ["ReadKafkaBatches", "PartitionSpec", "plan_partitions", "UNBOUNDED_STOP", "IDLE_DEFER_S", "RETRY_DEFER_S"]
+__all__ = ["ReadKafkaBatches", "PartitionSpec", "plan_partitions", "assigned_partitions", "format_partitions",
+           "UNBOUNDED_STOP", "IDLE_DEFER_S", "RETRY_DEFER_S"]
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +75,33 @@ RETRY_DEFER_S = 2.0
 PartitionSpec = tuple
 
 
+def assigned_partitions(source_cfg: SourceConfig, share: Share | None = None) -> list[tuple[str, int]]:
+    """``(topic, partition)`` of every partition of ``source_cfg.topics`` that ``share`` owns
+    (all of them without a share), topic by topic in partition order (I/O: metadata)."""
+    out = []
+    for topic in source_cfg.topics:
+        partitions = list_partitions(source_cfg.bootstrap, topic, client_options=source_cfg.client_options)
+        out += [(topic, p) for p in partitions if share is None or share.owns(p)]
+    return out
+
+
 def plan_partitions(
     source_cfg: SourceConfig,
     start_offsets: Mapping[tuple[str, int], int],
     end_offsets: Mapping[tuple[str, int], int] | None = None,
+    share: Share | None = None,
 ) -> list[PartitionSpec]:
-    """List every partition of ``source_cfg.topics`` with its offset range (I/O: metadata).
+    """List every partition of ``source_cfg.topics`` (that ``share`` owns) with its offset
+    range (I/O: metadata).
 
     Bounded (``end_offsets`` given): only the partitions in ``end_offsets`` are read,
     each ``[start, end)``; a start beyond its end is a ``SourceError``. Unbounded: every
     partition, to ``UNBOUNDED_STOP``.
     """
     specs: list[PartitionSpec] = []
+    assigned = assigned_partitions(source_cfg, share)
     for topic in source_cfg.topics:
-        partitions = list_partitions(source_cfg.bootstrap, topic, client_options=source_cfg.client_options)
+        partitions = [p for t, p in assigned if t == topic]
         if end_offsets is not None:
             partitions = [p for p in partitions if (topic, p) in end_offsets]
         missing = [p for p in partitions if (topic, p) not in start_offsets]
@@ -98,7 +118,7 @@ def plan_partitions(
             specs.append((topic, p, start, stop))
     if end_offsets is not None:
         known = {(t, p) for t, p, _, _ in specs}
-        unknown = sorted(set(end_offsets) - known)
+        unknown = sorted(k for k in set(end_offsets) - known if share is None or share.owns(k[1]))
         if unknown:
             raise SourceError(f"end_offsets name partitions that do not exist: {unknown}", retriable=False)
     return specs
@@ -259,6 +279,14 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
         yield from self._read(element, tracker, watermark_estimator)
 
 
+def format_partitions(partitions) -> str:
+    """``events[0,2] clicks[0,2]``: ``(topic, partition)`` pairs, for logs; "nothing" if none."""
+    by_topic: dict[str, list[int]] = {}
+    for topic, p in partitions:
+        by_topic.setdefault(topic, []).append(p)
+    return " ".join(f"{t}[{','.join(map(str, ps))}]" for t, ps in by_topic.items()) or "nothing"
+
+
 def _truncate(batch: SourceBatch, stop: int) -> SourceBatch:
     """The part of ``batch`` before offset ``stop`` (a bounded range ends mid-batch)."""
     offsets = batch.records.column(0).to_numpy()
@@ -284,9 +312,10 @@ class ReadKafkaBatches(beam.PTransform):
 
     ``start_offsets``: ``{(topic, partition): next offset}`` from the cache.
     ``end_offsets``: bounded read of exactly those partitions up to (excluding) these
-    offsets; None = unbounded (run with ``streaming=True``). ``stop_file``: see the
-    module docstring. Partition listing and start resolution happen in ``expand``
-    (pipeline construction) and need the brokers reachable.
+    offsets; None = unbounded (run with ``streaming=True``). ``stop_file`` and ``share``
+    (read only the partitions it owns): see the module docstring. Partition listing and
+    start resolution happen in ``expand`` (pipeline construction) and need the brokers
+    reachable.
 
     Example::
 
@@ -301,15 +330,19 @@ class ReadKafkaBatches(beam.PTransform):
         *,
         stop_file: str | None = None,
         end_offsets: Mapping[tuple[str, int], int] | None = None,
+        share: Share | None = None,
     ):
         super().__init__()
         self._cfg = source_cfg
+        self._share = share
         self._start_offsets = dict(start_offsets)
         self._end_offsets = dict(end_offsets) if end_offsets is not None else None
         self._stop_file = os.fspath(stop_file) if stop_file is not None else None
 
     def expand(self, pbegin):
-        specs = plan_partitions(self._cfg, self._start_offsets, self._end_offsets)
+        specs = plan_partitions(self._cfg, self._start_offsets, self._end_offsets, self._share)
+        if self._share is not None:
+            log.info("kafka source, %s: reads %s", self._share, format_partitions((t, p) for t, p, _, _ in specs))
         if self._end_offsets is None:
             fn = _ReadPartitionUnboundedFn(self._cfg, self._stop_file)
         else:

@@ -52,7 +52,7 @@ from torch import nn
 
 from storage.row_store import RowStore, RowTableSpec
 from trainer.batch import Jagged
-from trainer.config import RowCachePolicy, RowOptimizerKind, TrainSpec
+from trainer.config import Accumulator, RowCachePolicy, RowOptimizerKind, TrainSpec
 from trainer.embedding import CollectionCapabilities, TableSpec, init_rows, shared_dim, table_specs
 from trainer.errors import CheckpointError, TrainerConfigError, TrainerError
 from trainer.fused_embedding import FusedEmbeddingBagCollection
@@ -152,7 +152,8 @@ class CachedEmbeddingBagCollection(nn.Module):
                  cache_rows: int | Mapping[str, int], policy: RowCachePolicy = RowCachePolicy.LRU,
                  optimizer: RowOptimizerKind = RowOptimizerKind.ROWWISE_ADAGRAD,
                  learning_rate: float = 0.05, eps: float = 1e-8,
-                 device: torch.device | str = "cpu", prefetch: bool = True):
+                 device: torch.device | str = "cpu", prefetch: bool = True,
+                 accumulator: Accumulator = Accumulator.BATCH):
         super().__init__()
         shared_dim(tables)
         state_dim = state_dim_of(optimizer)
@@ -177,7 +178,8 @@ class CachedEmbeddingBagCollection(nn.Module):
         # through state_dict().
         tier = FusedEmbeddingBagCollection(
             [TableSpec(t.name, c, t.dim) for t, c in zip(tables, capacities)],
-            optimizer=SparseOptimizerSpec(SparseOptimizerKind(optimizer.value), learning_rate, eps),
+            optimizer=SparseOptimizerSpec(SparseOptimizerKind(optimizer.value), learning_rate, eps,
+                                          accumulator=accumulator),
             device=self.device)
         object.__setattr__(self, "_tier", tier)
         self._dirty = torch.zeros(tier.total_rows, dtype=torch.bool)
@@ -522,4 +524,4 @@ def build_cached_embeddings(cfg: TrainSpec, tables: Sequence[TableSpec] | None =
     return CachedEmbeddingBagCollection(
         tables, store, cache_rows=rc.cache_rows_for(row_bytes), policy=rc.policy,
         optimizer=rc.optimizer, learning_rate=cfg.trainer.sparse_lr, eps=rc.adagrad_eps,
-        device=device, prefetch=rc.prefetch)
+        device=device, prefetch=rc.prefetch, accumulator=cfg.trainer.sparse_accumulator)

@@ -45,7 +45,7 @@ from transforms.config import SchemaConfig
 
 __all__ = [
     "TrainSpec",
-    "OptimizerKind", "SparseOptimizerKind", "Precision", "EmbeddingDtype", "TrainerConfig",
+    "OptimizerKind", "SparseOptimizerKind", "Accumulator", "Precision", "EmbeddingDtype", "TrainerConfig",
     "ShardingConfig", "ShardingType", "DeviceKind", "CommPrecision",
     "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
     "ModelKind", "CrossStructure", "ModelConfig",
@@ -67,6 +67,15 @@ class SparseOptimizerKind(enum.Enum):
     SGD = "sgd"
     ADAGRAD = "adagrad"  # element-wise, as torch.optim.Adagrad
     ADAM = "adam"  # lazy, as torch.optim.SparseAdam
+
+
+class Accumulator(enum.Enum):
+    """What row-wise Adagrad adds to a row's accumulator each step (trainer.sparse_optim)."""
+
+    BATCH = "batch"  # the squared batch gradient of the row (FBGEMM's update)
+    # the sum of the row's squared per-lookup gradients: online per-coordinate Adagrad's
+    # step sizes for 1-wide rows (README "Tuning")
+    PER_LOOKUP = "per_lookup"
 
 
 class Precision(enum.Enum):
@@ -98,6 +107,9 @@ class TrainerConfig:
     # one by the same name) and ``learning_rate`` both rates, unless the specific key is set.
     sparse_optimizer: SparseOptimizerKind | None = None  # None: rowwise_adagrad
     sparse_learning_rate: float | None = None  # None: learning_rate
+    # Row-wise Adagrad's accumulator (Accumulator): "batch" or "per_lookup". The first-order
+    # rows use [model] first_order_accumulator instead.
+    sparse_accumulator: Accumulator = Accumulator.BATCH
     dense_optimizer: OptimizerKind | None = None  # None: adagrad
     dense_learning_rate: float | None = None  # None: learning_rate
     learning_rate: float = 0.05
@@ -217,6 +229,12 @@ class CrossStructure(enum.Enum):
     PARALLEL = "parallel"  # [cross(x0), deep(x0)] -> logit
 
 
+# Default first-order learning rates (per-lookup accumulator), measured with
+# bench/quality.py on both of its streams (README "Tuning").
+LINEAR_FIRST_ORDER_LR = 0.12
+WIDE_FIRST_ORDER_LR = 0.07
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """[model]: the model kind and its own knobs (shapes of the dense vector, MLPs and
@@ -239,10 +257,13 @@ class ModelConfig:
     # steps (trainer.dense_norm).
     normalize_dense: bool = True
     # Learning rate of the whole first-order part (its 1-wide rows under [trainer]
-    # sparse_optimizer, its dense weights and bias under dense_optimizer); None = the
-    # [trainer] sparse / dense rates like the rest of the model. 0.1 measured best of
-    # 0.05-0.2 with the other defaults (README "Tuning").
-    first_order_learning_rate: float | None = 0.1
+    # sparse_optimizer, its dense weights and bias under dense_optimizer); None = the kind's
+    # default (first_order_lr): alone (linear) the part carries the whole signal and wants a
+    # larger rate than beside a deep part (README "Tuning").
+    first_order_learning_rate: float | None = None
+    # Row-wise Adagrad accumulator of the first-order rows (Accumulator; replaces [trainer]
+    # sparse_accumulator for them): "per_lookup" tracks online logistic regression's step sizes.
+    first_order_accumulator: Accumulator = Accumulator.PER_LOOKUP
     cross_layers: int = 3  # dcn_v2: cross layers
     cross_rank: int = 0  # dcn_v2: 0 = full-rank W; r > 0 = low-rank U V^T with inner size r
     cross_structure: CrossStructure = CrossStructure.STACKED
@@ -255,6 +276,15 @@ class ModelConfig:
         lr = self.first_order_learning_rate
         if lr is not None and not 0 < lr < float("inf"):
             raise ValueError(f"first_order_learning_rate must be a finite number > 0, got {lr}")
+
+    @property
+    def first_order_lr(self) -> float:
+        """The first-order part's learning rate: ``first_order_learning_rate``, else
+        ``LINEAR_FIRST_ORDER_LR`` for the linear kind and ``WIDE_FIRST_ORDER_LR`` beside a
+        deep part."""
+        if self.first_order_learning_rate is not None:
+            return self.first_order_learning_rate
+        return LINEAR_FIRST_ORDER_LR if self.kind is ModelKind.LINEAR else WIDE_FIRST_ORDER_LR
 
     @property
     def has_first_order(self) -> bool:

@@ -20,10 +20,13 @@ placed like it "by construction":
   embedding table is (the same ranks and row ranges; a column-wise table's 1-wide rows go
   whole to the rank of its first column block).
 
-They train with ``[trainer] sparse_optimizer`` at ``sparse_learning_rate``: with row-wise
-Adagrad a 1-wide row's accumulator is the sum of its own squared gradients, i.e.
-per-coordinate Adagrad, the update of online logistic regression. ``b`` and ``v`` are dense
-parameters (zero at start) trained by the dense optimizer.
+They train with ``[trainer] sparse_optimizer`` at ``[model] first_order_learning_rate``.
+Under row-wise Adagrad a 1-wide row's accumulator is its own, i.e. per-coordinate Adagrad,
+and with ``[model] first_order_accumulator = "per_lookup"`` (the default) it adds the squares
+of the row's per-lookup gradients rather than the square of their batch sum: online logistic
+regression's step sizes (``trainer.sparse_optim``), where the batch sum makes an id seen k
+times in a batch step about sqrt(k) times too short. ``b`` and ``v`` are dense parameters
+(zero at start) trained by the dense optimizer.
 
 Example:
     >>> from transforms.config import SchemaConfig, SparseFeature
@@ -63,31 +66,31 @@ def first_order_tables(cfg: TrainSpec) -> list[TableSpec]:
 def first_order_spec(cfg: TrainSpec):
     """``cfg`` as the placement factories should see it when they build the first-order
     tables: the row store under ``<row_cache.path>/first_order`` (beside, not inside, the
-    embedding tables' stores) and ``[model] first_order_learning_rate`` (when set) as the
-    sparse learning rate. Works on a ``TrainSpec`` and on any config tree with the same
+    embedding tables' stores), the first-order rate (``[model] first_order_learning_rate``,
+    by default the kind's) as the sparse learning rate and ``first_order_accumulator`` as the
+    sparse accumulator. Works on a ``TrainSpec`` and on any config tree with the same
     sections (dataclasses)."""
-    rc, t = cfg.row_cache, cfg.trainer
-    lr = cfg.model.first_order_learning_rate
+    rc = cfg.row_cache
+    t = dataclasses.replace(cfg.trainer, sparse_accumulator=cfg.model.first_order_accumulator,
+                            sparse_learning_rate=cfg.model.first_order_lr)
     return dataclasses.replace(
-        cfg, row_cache=dataclasses.replace(rc, path=os.path.join(rc.path, FIRST_ORDER_STORE)),
-        trainer=t if lr is None else dataclasses.replace(t, sparse_learning_rate=lr))
+        cfg, row_cache=dataclasses.replace(rc, path=os.path.join(rc.path, FIRST_ORDER_STORE)), trainer=t)
 
 
 def dense_param_groups(model: nn.Module, cfg: TrainSpec) -> list[dict]:
     """The dense optimizer's param groups: the model's parameters, and the first-order
-    part's (``model.first_order``) in a second group at ``[model] first_order_learning_rate``
-    (default: the dense rate), so changing that rate keeps a checkpoint's optimizer state
+    part's (``model.first_order``) in a second group at the first-order rate
+    (``ModelConfig.first_order_lr``), so changing that rate keeps a checkpoint's optimizer state
     loadable, marked ``"warmup": False`` (``trainer.stability``: the first-order part, a
     convex model, trains at its full rate from the first step). One group for a model
     without the first-order part, as before it existed."""
     part = getattr(model, "first_order", None)
     if part is None:
         return [{"params": list(model.parameters())}]
-    lr = cfg.model.first_order_learning_rate
     own = {id(p) for p in part.parameters()}
     return [{"params": [p for p in model.parameters() if id(p) not in own]},
             {"params": [p for p in model.parameters() if id(p) in own],
-             "lr": cfg.trainer.dense_lr if lr is None else lr, "warmup": False}]
+             "lr": cfg.model.first_order_lr, "warmup": False}]
 
 
 def first_order_plan(plan: Plan) -> Plan:
@@ -113,15 +116,16 @@ def first_order_plan(plan: Plan) -> Plan:
 def first_order_like(embeddings: nn.Module | None, cfg: TrainSpec) -> nn.Module:
     """The first-order collection a model builds when none is given: plain
     ``EmbeddingBagCollection`` rows (trained by the dense optimizer) beside plain ones or no
-    collection, fused rows with the same sparse optimizer, dtype and device beside a fused
-    collection. Other placements (sharded, row-cached) are built by their factory with the
-    collective or store they need: pass them as ``first_order=``."""
+    collection, fused rows with the same sparse optimizer (at the first-order rate and
+    accumulator), dtype and device beside a fused collection. Other placements (sharded,
+    row-cached) are built by their factory with the collective or store they need: pass
+    them as ``first_order=``."""
     tables = first_order_tables(cfg)
     if embeddings is None or isinstance(embeddings, EmbeddingBagCollection):
         return EmbeddingBagCollection(tables, seed=cfg.trainer.seed)
     if isinstance(embeddings, FusedEmbeddingBagCollection):
-        lr = cfg.model.first_order_learning_rate
-        optimizer = embeddings.optimizer if lr is None else dataclasses.replace(embeddings.optimizer, learning_rate=lr)
+        optimizer = dataclasses.replace(embeddings.optimizer, accumulator=cfg.model.first_order_accumulator,
+                                        learning_rate=cfg.model.first_order_lr)
         return FusedEmbeddingBagCollection(tables, cfg.trainer.seed, optimizer=optimizer,
                                            embedding_dtype=embeddings.weights.dtype,
                                            device=embeddings.weights.device)

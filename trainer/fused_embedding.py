@@ -172,6 +172,7 @@ class FusedEmbeddingBagCollection(nn.Module):
         self.register_buffer("_row_starts", torch.tensor(self.table_starts, dtype=torch.int64,
                                                          device=device), persistent=False)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_squares: torch.Tensor | None = None  # optimizer.per_lookup only
 
     # -- the step ------------------------------------------------------------------------
 
@@ -250,11 +251,12 @@ class FusedEmbeddingBagCollection(nn.Module):
         if self._pending is None:
             return
         rows, grad = self._pending
-        self._pending = None
+        squares = self._pending_squares
+        self.discard_gradients()
         self._steps += 1
         self.step.fill_(self._steps)
         apply_sparse_update_(self._step_spec, self.weights, self._state(), rows, grad,
-                             step=self._steps, rounding_seed=self.rounding_seed)
+                             step=self._steps, rounding_seed=self.rounding_seed, square_sum=squares)
 
     def set_lr_scale(self, scale: float) -> None:
         """Update with ``scale`` times ``optimizer.learning_rate`` from the next
@@ -264,11 +266,18 @@ class FusedEmbeddingBagCollection(nn.Module):
     def discard_gradients(self) -> None:
         """Drop the pending gradient without updating (a skipped step)."""
         self._pending = None
+        self._pending_squares = None
 
     @property
     def pending_gradient(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(unique buffer rows [U], summed fp32 gradient [U, D]) awaiting ``sparse_step``."""
         return self._pending
+
+    @property
+    def pending_square_sum(self) -> torch.Tensor | None:
+        """[U, D] fp32: each pending row's sum of squared per-lookup gradients (rows as
+        ``pending_gradient``'s), when the optimizer's accumulator is ``per_lookup``; else None."""
+        return self._pending_squares
 
     def _pool(self, batch: FusedSparse) -> torch.Tensor:
         if self.weights.dtype == torch.float32:
@@ -291,6 +300,8 @@ class FusedEmbeddingBagCollection(nn.Module):
         if n == 0:  # only empty bags: no row was read
             self._pending = (torch.zeros(0, dtype=torch.int64, device=grad_pooled.device),
                              torch.zeros(0, dim, device=grad_pooled.device))
+            if self.optimizer.per_lookup:
+                self._pending_squares = self._pending[1]
             return
         g = grad_pooled.float()
         # d(output) usually arrives as a strided view (the transpose, DLRM's concatenation):
@@ -316,6 +327,10 @@ class FusedEmbeddingBagCollection(nn.Module):
         grad = F.embedding_bag(grad_row.index_select(0, order), grad_rows, segments, mode="sum",
                                per_sample_weights=psw, include_last_offset=True)
         self._pending = (rows.to(torch.int64), grad)
+        if self.optimizer.per_lookup:  # the same segment sum over squared per-lookup gradients
+            self._pending_squares = F.embedding_bag(
+                grad_row.index_select(0, order), grad_rows.pow(2), segments, mode="sum",
+                per_sample_weights=None if psw is None else psw.pow(2), include_last_offset=True)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """Name -> the fp32 optimizer state tensors (one row per buffer row; the buffers
@@ -368,7 +383,7 @@ class FusedEmbeddingBagCollection(nn.Module):
             tensor.zero_()
         self.step.zero_()
         self._steps = 0
-        self._pending = None
+        self.discard_gradients()
         if row_state is not None:
             if self.optimizer.kind is not SparseOptimizerKind.ROWWISE_ADAGRAD:
                 raise TrainerError(f"row_state is row-wise Adagrad state; this collection trains "
@@ -408,7 +423,7 @@ class FusedEmbeddingBagCollection(nn.Module):
                         f"from this collection's {mine[key]!r}; convert with plain_state() / "
                         "load_plain_state() or keep the table layout and optimizer")
                     return
-        self._pending = None
+        self.discard_gradients()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._steps = int(self.step)

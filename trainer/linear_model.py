@@ -1,6 +1,7 @@
 """The ``linear`` model kind: the first-order part alone (``trainer.first_order``), i.e.
 online logistic regression on hashed one-hot features with per-coordinate Adagrad (row-wise
-Adagrad on 1-wide rows), plus a linear term on the dense features. The baseline users
+Adagrad on 1-wide rows, accumulating per-lookup squared gradients by default), plus a linear
+term on the dense features. The baseline users
 already run (Vowpal Wabbit and the like), trained, placed and checkpointed like every other
 kind, so the two compare in one tool.
 

@@ -43,6 +43,7 @@ from trainer.errors import TrainerError
 from trainer.first_order import FirstOrder, first_order_tables
 from trainer.fused_embedding import FusedEmbeddingBagCollection
 from trainer.model_base import CTRModel, build_logit_mlp, build_mlp, check_collection
+from trainer.sparse_optim import SparseOptimizerSpec
 
 __all__ = [
     "DLRM", "build_mlp", "build_model", "tables_from_config", "fused_embeddings_from_config",
@@ -72,7 +73,7 @@ def fused_embeddings_from_config(cfg: TrainSpec, device: torch.device | str | No
     t = cfg.trainer
     return FusedEmbeddingBagCollection(
         tables_from_config(cfg) if tables is None else tables, seed=t.seed,
-        optimizer=t.sparse_optimizer_kind.value, learning_rate=t.sparse_lr,
+        optimizer=SparseOptimizerSpec(t.sparse_optimizer_kind, t.sparse_lr, accumulator=t.sparse_accumulator),
         embedding_dtype=EMBEDDING_TORCH_DTYPES[t.embedding_dtype], device=device)
 
 

@@ -276,11 +276,11 @@ class ShardedEmbeddingCollection(nn.Module):
         self._needs_step = False
         self._steps += 1
         self.step.fill_(self._steps)
-        pending = {}
+        pending, squares = {}, {}
         for key, group in self.groups.items():
-            pending[key] = group.pending_gradient
+            pending[key], squares[key] = group.pending_gradient, group.pending_square_sum
             group.discard_gradients()
-        row_sq_means = self._column_row_sq_means(pending)
+        row_sq_means = self._column_row_sq_means(pending, squares)
         replicated = self._replicated_gradient()
         for key, group in self.groups.items():
             if pending[key] is None:
@@ -288,12 +288,13 @@ class ShardedEmbeddingCollection(nn.Module):
             rows, grad = pending[key]
             apply_shard_update_(self._step_spec, group.weights, group.optimizer_state(), rows, grad,
                                 step=self._steps, rounding_seed=self.seed, coords=self._coords[key],
-                                row_sq_mean=row_sq_means.get(key))
+                                row_sq_mean=row_sq_means.get(key),
+                                square_sum=None if key in row_sq_means else squares[key])
         if replicated is not None:
-            rows, grad = replicated
+            rows, grad, square_sum = replicated
             apply_shard_update_(self._step_spec, self.replicated.weights, self.replicated.optimizer_state(),
                                 rows, grad, step=self._steps, rounding_seed=self.seed,
-                                coords=self._replicated_coords)
+                                coords=self._replicated_coords, square_sum=square_sum)
 
     def set_lr_scale(self, scale: float) -> None:
         """Update every table (cached ones included) with ``scale`` times the learning rate
@@ -316,7 +317,7 @@ class ShardedEmbeddingCollection(nn.Module):
         for m in self.cached.values():
             m.flush()
 
-    def _column_row_sq_means(self, pending: dict) -> dict[str, torch.Tensor]:
+    def _column_row_sq_means(self, pending: dict, squares: dict) -> dict[str, torch.Tensor]:
         """Group key -> [U] mean of g**2 over the full dim for each of its pending rows, for
         the groups of column shards under row-wise Adagrad (collective over the column
         groups, issued in plan order on every rank)."""
@@ -335,7 +336,7 @@ class ShardedEmbeddingCollection(nn.Module):
                 rows, grad = p
             # rows are sorted and each shard is a contiguous buffer range: cut them by shard
             cuts = torch.searchsorted(rows, self._coords[key].buffer_starts).tolist() + [rows.numel()]
-            sums = row_square_sums(grad)
+            sums = row_square_sums(grad) if squares[key] is None else squares[key].sum(dim=1)
             segments[key] = []
             for j, k in enumerate(members):
                 name = self._owned[self.rank][k][0].name
@@ -354,24 +355,28 @@ class ShardedEmbeddingCollection(nn.Module):
         return {key: torch.cat([partial[name] for name in names]).div_(self.dim)
                 for key, names in segments.items()}
 
-    def _replicated_gradient(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(union of the rows the global batch touched, their global-mean gradient) of the
-        replicated tables (collective over ``group_pooled`` when there are several ranks)."""
+    def _replicated_gradient(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(union of the rows the global batch touched, their global-mean gradient, their
+        per-lookup squared gradients of the global mean or None) of the replicated tables
+        (collective over ``group_pooled`` when there are several ranks)."""
         if self.replicated is None:
             return None
-        p = self.replicated.pending_gradient
+        p, sq = self.replicated.pending_gradient, self.replicated.pending_square_sum
         self.replicated.discard_gradients()
         if self.world_size == 1:
-            return p
-        dim = self.dim
-        buf = torch.zeros(self.replicated.total_rows, dim + 1, device=self.device)
+            return None if p is None else (*p, sq)
+        dim, w = self.dim, self.world_size
+        per_lookup = self.replicated.optimizer.per_lookup
+        buf = torch.zeros(self.replicated.total_rows, dim * (2 if per_lookup else 1) + 1, device=self.device)
         if p is not None and p[0].numel():
             rows, grad = p
             flag = torch.ones(rows.numel(), 1, device=self.device)
-            buf.index_copy_(0, rows, torch.cat([grad.float(), flag], dim=1))
+            buf.index_copy_(0, rows, torch.cat([grad.float(), flag] + ([sq.float()] if per_lookup else []), dim=1))
         dist.all_reduce(buf, group=self.group_pooled)
         touched = buf[:, dim].nonzero().squeeze(1)
-        return touched, buf.index_select(0, touched)[:, :dim].div_(self.world_size)
+        got = buf.index_select(0, touched)
+        # a rank's lookups' gradients are 1/W of the global mean's: squares 1/W**2
+        return touched, got[:, :dim].div_(w), got[:, dim + 1:].div_(w * w) if per_lookup else None
 
     @property
     def sparse_steps(self) -> int:

@@ -81,22 +81,26 @@ def row_square_sums(grad: torch.Tensor) -> torch.Tensor:
 def apply_shard_update_(spec: SparseOptimizerSpec, weights: torch.Tensor,
                         state: dict[str, torch.Tensor], rows: torch.Tensor, grad: torch.Tensor, *,
                         step: int, rounding_seed: int, coords: PlainCoordinates,
-                        row_sq_mean: torch.Tensor | None = None) -> None:
+                        row_sq_mean: torch.Tensor | None = None,
+                        square_sum: torch.Tensor | None = None) -> None:
     """Update ``weights`` [R, width] and ``state`` in place at the distinct buffer rows
     ``rows`` [U] from their summed gradient ``grad`` [U, width], as plain training updates
     the same table rows (see the module docstring). ``row_sq_mean`` [U]: row-wise Adagrad
-    of column shards only, each row's mean of g**2 over the table's full dim."""
+    of column shards only, each row's mean of g**2 over the table's full dim (of the
+    per-lookup squares under ``spec.per_lookup``); ``square_sum`` [U, width]: the rows'
+    per-lookup squared gradients (``spec.per_lookup``, full-width shards)."""
     if rows.numel() == 0:
         return
     if row_sq_mean is None and weights.dtype == torch.float32:
-        apply_sparse_update_(spec, weights, state, rows, grad, step=step, rounding_seed=rounding_seed)
+        apply_sparse_update_(spec, weights, state, rows, grad, step=step, rounding_seed=rounding_seed,
+                             square_sum=square_sum)
         return
     rows = rows.to(torch.int64)
     w = weights.index_select(0, rows).float()
     st = {name: t.index_select(0, rows) for name, t in state.items()}
     if row_sq_mean is None:
         local = torch.arange(rows.numel(), device=rows.device)
-        apply_sparse_update_(spec, w, st, local, grad, step=step)  # fp32: no rounding here
+        apply_sparse_update_(spec, w, st, local, grad, step=step, square_sum=square_sum)  # fp32: no rounding
     else:
         if spec.kind is not SparseOptimizerKind.ROWWISE_ADAGRAD:
             raise TrainerError(f"row_sq_mean is row-wise Adagrad state, the optimizer is {spec.kind.value}")

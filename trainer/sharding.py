@@ -59,7 +59,7 @@ def build_sharded_embeddings(cfg: TrainSpec, plan: Plan, ctx: DistContext,
     if plan.world_size != ctx.world_size:
         raise TrainerError(f"plan is for {plan.world_size} ranks but the job has {ctx.world_size}")
     t = cfg.trainer
-    optimizer = SparseOptimizerSpec(t.sparse_optimizer_kind, t.sparse_lr)
+    optimizer = SparseOptimizerSpec(t.sparse_optimizer_kind, t.sparse_lr, accumulator=t.sparse_accumulator)
     column_groups = {}
     if ctx.initialized:
         group_ids = dist.new_group(backend=ctx.backend)

@@ -10,6 +10,11 @@ shape the 16-bit write-back needs anyway). Kinds:
 * ``rowwise_adagrad`` (default; FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): one fp32 accumulator per
   row, ``state += mean(g**2)``, ``w -= lr * g / (sqrt(state) + eps)``; bitwise the update of
   ``trainer.row_optim.apply_row_update_``, so fused, plain and row-cached tables agree.
+  With ``accumulator = per_lookup`` the accumulator adds the mean over columns of the sum of
+  the row's squared *per-lookup* gradients (``square_sum``, which the collection's backward
+  computes beside the summed gradient) instead of the squared sum: for a 1-wide row looked
+  up once per example, the step sizes of online per-coordinate Adagrad (the first-order rows'
+  default, ``[model] first_order_accumulator``).
 * ``sgd``: ``w -= lr * g``, no state.
 * ``adagrad``: element-wise, ``state += g**2``, ``w -= lr * g / (sqrt(state) + eps)``; the
   update of ``torch.optim.Adagrad`` on a sparse gradient (lr_decay 0, initial accumulator 0,
@@ -40,8 +45,8 @@ import math
 
 import torch
 
-from trainer.config import SparseOptimizerKind
-from trainer.errors import TrainerConfigError
+from trainer.config import Accumulator, SparseOptimizerKind
+from trainer.errors import TrainerConfigError, TrainerError
 
 __all__ = [
     "SparseOptimizerKind", "SparseOptimizerSpec", "state_bytes_per_row", "state_shapes",
@@ -70,6 +75,7 @@ class SparseOptimizerSpec:
     learning_rate: float = 0.01
     eps: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)  # adam only
+    accumulator: Accumulator = Accumulator.BATCH  # rowwise_adagrad only; others ignore it
 
     def __post_init__(self):
         try:
@@ -91,6 +97,13 @@ class SparseOptimizerSpec:
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise TrainerConfigError(f"adam betas must lie in [0, 1), got {tuple(self.betas)}")
         object.__setattr__(self, "betas", (float(b1), float(b2)))
+        object.__setattr__(self, "accumulator", Accumulator(self.accumulator))
+
+    @property
+    def per_lookup(self) -> bool:
+        """Whether the update needs the per-lookup squared gradients (``square_sum``)."""
+        return (self.kind is SparseOptimizerKind.ROWWISE_ADAGRAD
+                and self.accumulator is Accumulator.PER_LOOKUP)
 
 
 def scaled_spec(spec: SparseOptimizerSpec, scale: float) -> SparseOptimizerSpec:
@@ -130,8 +143,11 @@ def init_state(kind: SparseOptimizerKind, rows: int, dim: int,
 @torch.no_grad()
 def apply_sparse_update_(spec: SparseOptimizerSpec, weights: torch.Tensor,
                          state: dict[str, torch.Tensor], rows: torch.Tensor, grad: torch.Tensor,
-                         *, step: int, rounding_seed: int = 0) -> None:
-    """Update ``weights`` [R, D] and ``state`` in place at ``rows`` [U] from ``grad`` [U, D].
+                         *, step: int, rounding_seed: int = 0,
+                         square_sum: torch.Tensor | None = None) -> None:
+    """Update ``weights`` [R, D] and ``state`` in place at ``rows`` [U] from ``grad`` [U, D]
+    (and, when ``spec.per_lookup``, ``square_sum`` [U, D]: each row's sum of squared
+    per-lookup gradients).
 
     ``rows`` must be distinct (duplicates' gradients summed by the caller): a row listed twice
     would be written twice from the same old value. ``step`` counts updates from 1 (Adam's
@@ -154,7 +170,12 @@ def apply_sparse_update_(spec: SparseOptimizerSpec, weights: torch.Tensor,
         # Bitwise row_optim.apply_row_update_: the same accumulator ops, and addcdiv_
         # computes w + ((-lr) * g) / d = w - (lr * g) / d exactly (negation is exact) in one
         # pass instead of three.
-        s.add_(grad.pow(2).mean(dim=1))
+        if spec.per_lookup:
+            if square_sum is None:
+                raise TrainerError("the per_lookup accumulator needs square_sum")
+            s.add_(square_sum.float().mean(dim=1))
+        else:
+            s.add_(grad.pow(2).mean(dim=1))
         w.addcdiv_(grad, s.sqrt().add_(eps).unsqueeze(1), value=-lr)
         acc.index_copy_(0, rows, s)
     elif kind is SparseOptimizerKind.ADAGRAD:

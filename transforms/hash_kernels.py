@@ -39,6 +39,17 @@ Measured against version 1's kernel in the same process (``bench/remap.py``'s wo
 batches of 65,536, one core, 2-core shared machine): 1M ids 1.3x on Zipf(1.05) traffic and
 1.6x on uniform ids; 100k ids 1.1x and 1.4x; 5k ids (in L2) 1.0x and 1.3x.
 
+Tried against this kernel and not kept (1M ids, uniform / Zipf, same process, each batch's
+best of 20-50 interleaved passes): prefetch distance 16-256 or prefetcht1/t2/nta (0.7-1.0x);
+buckets hashed once into a ring, or in groups of 16-64 hashed then probed (0.5-1.0x); rare
+ids deferred to a second pass or compacted into lists (0.8-1.05x / 0.7-0.95x); every id's
+fallback row computed up front, vectorised, so absent ids take no branch (1.0x / 0.8x); a
+vector compare in the spill probe; the next bucket prefetched when the home one spilled
+(0.7-0.9x); kernels without the code and marker branches (1.0x); 2 MiB pages (1.0x). An id
+that takes the rare path costs ~30 ns (its branch mispredicts after a long dependency
+chain; a spilled key adds a second line); without it the loop would run 1.3x faster. A
+lower ``MAX_LOAD`` trades memory for it: 0.4 (32 B/id) measured 1.11x / 1.04x, 0.3 no more.
+
 ``EMPTY_KEY`` (int64 min) marks a free slot; when that value is itself a key, its row is
 kept aside in ``sentinel_row``. Rows in the table are below ``ABSENT`` (2**32 - 2).
 

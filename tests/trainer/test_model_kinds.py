@@ -17,15 +17,18 @@ from engine.config import config_from_dict
 from engine.errors import CheckpointError, ConfigError
 from tests.trainer.test_distributed_train import MAP_BYTES, SIZES, TABLES, fill_cache
 from trainer.batch import Jagged
-from trainer.config import ModelConfig, ModelKind
+from trainer.config import (
+    LINEAR_FIRST_ORDER_LR, WIDE_FIRST_ORDER_LR, Accumulator, ModelConfig, ModelKind, SparseOptimizerKind,
+)
 from trainer.dist import init_from_env
 from trainer.distributed_loop import DistributedTrainer
-from trainer.embedding import TableSpec, collections_of
-from trainer.first_order import first_order_plan
+from trainer.embedding import RowInit, TableSpec, collections_of
+from trainer.first_order import dense_param_groups, first_order_plan, first_order_spec, first_order_tables
 from trainer.fused_embedding import FusedEmbeddingBagCollection
 from trainer.loop import ContinuousTrainer
-from trainer.model import build_model, model_shape
+from trainer.model import build_model, fused_embeddings_from_config, model_shape
 from trainer.planner import plan_from_config
+from trainer.sparse_optim import SparseOptimizerSpec
 from trainer.stability import Warmup, clip_dense_gradients
 
 KINDS = ("dlrm", "dcn_v2", "linear")
@@ -184,6 +187,57 @@ def test_warmup_scales_the_sparse_step():
         return (emb.weights - before)[1]
 
     torch.testing.assert_close(first_step(0.25), first_step(1.0) / 4)
+
+
+def _adagrad_step(accumulator: Accumulator, ids, offsets, weights, upstream) -> FusedEmbeddingBagCollection:
+    """One row-wise Adagrad step (lr 0.1) of 1-wide zero rows: bags ``ids``/``offsets`` (per
+    lookup ``weights``), d(loss)/d(bag) ``upstream``."""
+    emb = FusedEmbeddingBagCollection(
+        [TableSpec("u", 4, 1, RowInit.ZEROS)],
+        optimizer=SparseOptimizerSpec(SparseOptimizerKind.ROWWISE_ADAGRAD, 0.1, accumulator=accumulator))
+    pooled = emb({"u": Jagged(torch.tensor(ids), torch.tensor(offsets), weights)})
+    (pooled.squeeze(2).squeeze(1) * upstream).sum().backward()
+    emb.sparse_step()
+    return emb
+
+
+def test_per_lookup_accumulator_is_per_coordinate_adagrad_on_each_lookup():
+    """Each id once per batch: the per-lookup accumulator is the batch one, i.e. online
+    per-coordinate Adagrad (state g**2, step -lr*g/|g|). Repeated and weighted lookups add
+    the sum of their squared gradients (w_k * g_i)**2, not the squared sum."""
+    g = torch.tensor([0.3, -0.2, 0.05])
+    once = [_adagrad_step(a, [2, 0, 3], [0, 1, 2, 3], None, g) for a in Accumulator]
+    assert torch.equal(once[0].weights, once[1].weights) and torch.equal(once[0].state_sum, once[1].state_sum)
+    assert once[1].state_sum[[2, 0, 3]].tolist() == pytest.approx((g ** 2).tolist())
+    assert once[1].weights[[2, 0, 3], 0].tolist() == pytest.approx((-0.1 * g.sign()).tolist())
+
+    w = torch.tensor([2.0, 1.0, 0.5, 1.0])  # id 1 in every bag, twice in bag 0 counting id 2
+    emb = _adagrad_step(Accumulator.PER_LOOKUP, [1, 2, 1, 1], [0, 2, 3, 4], w, g)
+    grad = 2.0 * g[0] + 0.5 * g[1] + g[2]
+    squares = (2.0 * g[0]) ** 2 + (0.5 * g[1]) ** 2 + g[2] ** 2
+    assert float(emb.state_sum[1]) == pytest.approx(float(squares))
+    assert float(emb.weights[1, 0]) == pytest.approx(float(-0.1 * grad / squares.sqrt()))
+    batch = _adagrad_step(Accumulator.BATCH, [1, 2, 1, 1], [0, 2, 3, 4], w, g)
+    assert float(batch.state_sum[1]) == pytest.approx(float(grad ** 2))
+
+
+def test_first_order_rate_and_accumulator_reach_the_placed_rows(cached):
+    """Unset, the first-order rate is the kind's (larger alone than beside a deep part); the
+    factories build the first-order rows with it and the per-lookup accumulator, while the
+    embedding tables keep the [trainer] rate and the batch accumulator."""
+    for kind, lr in (("linear", LINEAR_FIRST_ORDER_LR), ("dlrm", WIDE_FIRST_ORDER_LR), ("dcn_v2", WIDE_FIRST_ORDER_LR)):
+        cfg = make_cfg(cached, "x", kind)
+        rows = fused_embeddings_from_config(first_order_spec(cfg), tables=first_order_tables(cfg))
+        assert rows.optimizer.learning_rate == lr and rows.optimizer.accumulator is Accumulator.PER_LOOKUP
+        model = build_model(cfg, None if kind == "linear" else fused_embeddings_from_config(cfg))
+        assert dense_param_groups(model, cfg)[1]["lr"] == lr
+        if kind != "linear":  # rows built beside fused embeddings (first_order_like)
+            assert model.first_order.embeddings.optimizer.learning_rate == lr
+            assert model.first_order.embeddings.optimizer.accumulator is Accumulator.PER_LOOKUP
+    assert fused_embeddings_from_config(cfg).optimizer.accumulator is Accumulator.BATCH
+    cfg = make_cfg(cached, "x", "linear", model={"first_order_learning_rate": 0.3, "first_order_accumulator": "batch"})
+    assert first_order_spec(cfg).trainer.sparse_lr == 0.3
+    assert first_order_spec(cfg).trainer.sparse_accumulator is Accumulator.BATCH
 
 
 def test_clipping_bounds_the_dense_gradient_norm_and_runs_in_the_loop(cached):

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 # one table per kind of placement two ranks allow; c's 1-wide first-order rows go table-wise
 FORCED = {"u": "row_wise", "tags": "table_wise", "c": "column_wise"}
+# replicated first-order rows: their gradients and per-lookup squares are all-reduced
+REPLICATED = {"u": "table_wise", "tags": "data_parallel", "c": "table_wise"}
 METRIC_TOL = 1e-5
 
 
@@ -46,6 +48,10 @@ def worker(rank: int, world: int, root: str, out: str) -> None:
             if rank == 0:
                 torch.save({k: summary[k] for k in ("auc", "logloss", "trained_samples", "plan")},
                            os.path.join(out, f"{kind}.pt"))
+        summary = DistributedTrainer(make_cfg(Path(root), "gloo-replicated", "linear", sharding={
+            "enabled": True, "device": "cpu", "tables": REPLICATED}), ctx=ctx).run()
+        if rank == 0:
+            torch.save({k: summary[k] for k in ("auc", "logloss", "plan")}, os.path.join(out, "replicated.pt"))
 
 
 def test_kinds_on_two_gloo_ranks_train_like_one_process_and_reshard(tmp_path):
@@ -64,6 +70,11 @@ def test_kinds_on_two_gloo_ranks_train_like_one_process_and_reshard(tmp_path):
         assert got["trained_samples"] == ref["trained_samples"] == sum(SIZES)
         assert got["logloss"] == pytest.approx(ref["logloss"], abs=METRIC_TOL), kind
         assert got["auc"] == pytest.approx(ref["auc"], abs=METRIC_TOL), kind
+        if kind == "linear":
+            replicated = torch.load(out / "replicated.pt", weights_only=True)
+            assert replicated["plan"] == REPLICATED
+            assert replicated["logloss"] == pytest.approx(ref["logloss"], abs=METRIC_TOL)
+            assert replicated["auc"] == pytest.approx(ref["auc"], abs=METRIC_TOL)
     # one rank, the planner's own layout: the 2-rank checkpoint of both sharded collections
     # (embeddings and first-order rows) reshards (the layout is the same for every kind)
     _, _, resumed = run_sharded_one_rank(sharded_cfg(tmp_path, "dlrm", {}))

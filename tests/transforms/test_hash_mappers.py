@@ -19,6 +19,7 @@ from transforms.hash_kernels import (
     BUCKET_BYTES,
     EMPTY_KEY,
     NO_ROW,
+    PREFETCH_MIN_BYTES,
     build_table,
     hash_rows,
     table_buckets,
@@ -290,3 +291,37 @@ def test_frequency_defaults_hash_everything_else_into_the_rest():
     assert (m.hot, m.fallback_base, m.fallback_rows) == (2, 2, 8)
     got = m.map(np.arange(1000, dtype=np.int64) + 1000)
     assert got.min() >= 2 and got.max() <= 9
+
+
+@pytest.mark.parametrize("with_codes", [False, True])
+def test_prefetching_kernel_matches_reference_on_spill_chains_and_batch_edges(with_codes):
+    # a table past PREFETCH_MIN_BYTES (the prefetching lookup), two long spill chains (one
+    # wrapping past the last bucket), ids absent from chained buckets, negative ids and
+    # both int64 extremes, mapped whole and in slices around the prefetch distance
+    rng = np.random.default_rng(11)
+    n = 12_000
+    buckets = table_buckets(n)
+    assert buckets * BUCKET_BYTES > PREFETCH_MIN_BYTES
+    cand = rng.integers(I64_MIN, I64_MAX, 400_000, dtype=np.int64)  # distinct (seeded; no 64-bit collision)
+    home = home_bucket(cand, buckets)
+    chained = (home == buckets - 1) | (home == buckets // 2)
+    cluster = np.concatenate([cand[home == buckets - 1][:24], cand[home == buckets // 2][:24]])
+    extremes = EXTREMES[[3, 6]] if with_codes else EXTREMES[[0, 3, 6]]
+    keys = np.concatenate([cluster, rng.permutation(cand[~chained])[:n - 48 - extremes.size], extremes])
+    rows = 20_000
+    codes = rng.integers(0, 1000, 3001).astype(np.uint16) if with_codes else None
+    m = LearnedMapper(rows, keys=rng.permutation(keys), values=rng.integers(0, 15_000, keys.size), hot=0,
+                      fallback_base=16_000, fallback_rows=4000, seed=int(rng.integers(0, 1 << 63)), codes=codes,
+                      code_seed=77, code_base=15_000)
+    miss = m.table.rows32.reshape(-1, 16)[:, 15]
+    assert miss[buckets - 1] == NO_ROW and miss[buckets // 2] == NO_ROW
+    assert np.isin(m.table.words.reshape(-1, 8)[0, :5], cluster).any()  # the chain wrapped
+    chain_homes = (home >= buckets - 1) | (home <= 4) | ((home >= buckets // 2) & (home <= buckets // 2 + 5))
+    absent = cand[chain_homes][~np.isin(cand[chain_homes], keys)][:300]
+    ids = np.concatenate([keys[rng.integers(0, keys.size, 4000)], cluster, absent, -np.abs(keys[:500]),
+                          rng.integers(I64_MIN, I64_MAX, 2000, dtype=np.int64), EXTREMES])
+    ids = rng.permutation(ids)
+    want = np.array(ref_map(m, ids.tolist()), dtype=np.int64)
+    assert np.array_equal(m.map(ids), want)
+    for start, length in ((0, 0), (5, 1), (17, 63), (100, 64), (300, 65), (1000, 129), (ids.size - 70, 70)):
+        assert np.array_equal(m.map(ids[start:start + length]), want[start:start + length]), (start, length)
