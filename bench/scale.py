@@ -8,12 +8,14 @@ reports two rates: ``events_per_s`` over the ingest window (first event cached t
 the steady state, without the workers' start-up) and ``wall_events_per_s`` (the whole
 command, start-up included).
 
-    python bench/scale.py [--events 400000] [--files 8] [--only workers_1,workers_2] [--json]
+    python bench/scale.py [--events 400000] [--files 8] [--only workers_1,workers_2] [--no-feed] [--json]
 
 With ``--json`` the last line holds ``workers_1_events_per_s``, ``workers_2_events_per_s``
 (and ``*_wall_events_per_s``, ``*_elapsed_s``, ``speedup_2_over_1``, ``events``, ``cpus``);
 ``dask_1``/``dask_2`` (in ``--only``'s default) add the same for a backfill on a Dask
-``LocalCluster`` of 1 and 2 worker processes, and ``dask_*_staging_us_per_event``.
+``LocalCluster`` of 1 and 2 worker processes, and ``dask_*_staging_us_per_event``. Unless
+``--no-feed``: ``local_train_samples_per_s`` and ``feed_train_samples_per_s`` (training from
+the local cache vs from ``headrace feed`` over loopback, ``bench/feed.py``) and ``feed_ratio``.
 """
 
 from __future__ import annotations
@@ -158,6 +160,16 @@ def dask_2_events_per_s(args: argparse.Namespace, workdir: str, files: list[str]
     return backfill_dask(2, args, workdir, files)
 
 
+def train_from_feed(args: argparse.Namespace) -> dict:
+    """Training from the local cache vs from ``headrace feed`` over loopback: ``bench/feed.py``'s
+    alternating comparison (its keys, unprefixed: ``local_train_samples_per_s``,
+    ``feed_train_samples_per_s``, ``ratio``...)."""
+    from bench.feed import compare
+
+    got = compare(rows=args.train_rows, repeats=args.train_repeats, log=lambda line: print(line, file=sys.stderr))
+    return {f"feed_{k}" if k in ("ratio", "rows", "repeats", "runs") else k: v for k, v in got.items()}
+
+
 #: name -> measurement; each result's keys are reported prefixed with ``<name>_``.
 MEASUREMENTS: dict[str, Callable[[argparse.Namespace, str, list[str]], dict]] = {
     "workers_1": backfill_workers(1),
@@ -172,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--events", type=int, default=400_000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--only", default=",".join(MEASUREMENTS), help="comma-separated measurements to run")
+    ap.add_argument("--train-rows", type=int, default=200_000, help="rows trained per run for the feed comparison")
+    ap.add_argument("--train-repeats", type=int, default=3)
+    ap.add_argument("--no-feed", action="store_true", help="skip training from a feed vs the local cache")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
@@ -186,6 +201,8 @@ def main(argv=None) -> int:
             print(f"{name}: {got['events_per_s']:,.0f} events/s ingesting, {got['wall_events_per_s']:,.0f} "
                   f"events/s wall ({got['elapsed_s']:.1f} s)", file=sys.stderr)
             result.update({f"{name}_{k}": v for k, v in got.items()})
+    if not args.no_feed:
+        result.update(train_from_feed(args))
     if "workers_1_events_per_s" in result and "workers_2_events_per_s" in result:
         result["speedup_2_over_1"] = result["workers_2_events_per_s"] / result["workers_1_events_per_s"]
     print(orjson.dumps(result).decode() if args.json else

@@ -17,6 +17,7 @@ import os
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from engine.beam_compat import apply_beam_fixes
 from engine.cache_sink import CacheSession, WriteToCache
 from engine.config import HeadraceConfig, RunnerKind
 from engine.errors import ConfigError
@@ -41,6 +42,7 @@ def make_pipeline(cfg: HeadraceConfig, *, streaming: bool, parallelism: int | No
     element count, e.g. files) becomes ``--dask_npartitions`` unless ``beam_options`` size
     the partitions (Beam's default puts up to 128 elements in one task, i.e. one worker).
     """
+    apply_beam_fixes()  # engine.beam_compat: FnApiRunner's per-bundle metrics leak
     flags = list(cfg.pipeline.beam_options)
     if cfg.pipeline.runner is RunnerKind.DASK and parallelism and not any(
             f.startswith(("--dask_npartitions", "--dask_partition_size")) for f in flags):
