@@ -350,5 +350,5 @@ class ReadKafkaBatches(beam.PTransform):
         return (
             pbegin
             | "Partitions" >> beam.Create(specs, reshuffle=False)
-            | "Read" >> beam.ParDo(fn)
+            | "Read" >> beam.ParDo(fn).with_output_types(SourceBatch)
         )

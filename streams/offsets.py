@@ -30,23 +30,32 @@ PROBE_POLL_TIMEOUT_MS = 1000
 MAX_PROBE_POLLS = 20
 
 
-def log_end_offsets(cfg: SourceConfig, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+def log_end_offsets(cfg: SourceConfig, topic: str, partitions: Iterable[int],
+                    enough: Mapping[int, int] | None = None) -> dict[int, int]:
     """``{partition: offset after the last record}``, confirmed by reading from the
     broker's reported end.
 
     A partition written to while probing gets the end reached after ``MAX_PROBE_POLLS``
     polls (every offset before it holds data that exists). Never below the reported end.
+    ``enough``: ``{partition: offset}`` the caller only needs to know whether the end lies
+    at or past (a bounded read's requested end); such a partition stops probing once it
+    gets there, and its value is then that offset or more, not necessarily the end.
+    Confirming the end costs a poll that waits out ``poll_timeout_ms``; this skips it.
     """
     backend = backend_for(cfg.client)
     marks = backend.watermark_offsets(cfg, topic, list(partitions))
     ends: dict[int, int] = {}
     for partition, (low, high) in marks.items():
         end = int(high)
+        want = None if enough is None else enough.get(partition)
+        if want is not None and want <= end:
+            ends[partition] = end
+            continue
         # Re-read the last reported record: the fetch reaches past it if the broker
         # under-reported the end.
         start = max(int(low), end - 1)
         with backend.open_reader(cfg, topic, partition, start, start) as reader:
-            for batch in _probe_polls(reader, cfg, MAX_PROBE_POLLS):
+            for batch in _probe_polls(reader, cfg, MAX_PROBE_POLLS, want):
                 end = max(end, batch.end_offset)
         ends[partition] = end
     return ends
@@ -79,8 +88,11 @@ def exact_offsets_for_times(cfg: SourceConfig, topic: str, times_ms: Mapping[int
     return exact
 
 
-def _probe_polls(reader: PartitionReader, cfg: SourceConfig, max_polls: int | None) -> Iterator[SourceBatch]:
-    """Batches from ``reader`` until a poll returns nothing (or ``max_polls`` polls)."""
+def _probe_polls(reader: PartitionReader, cfg: SourceConfig, max_polls: int | None,
+                 stop_at: int | None = None) -> Iterator[SourceBatch]:
+    """Batches from ``reader`` until a poll returns nothing (or ``max_polls`` polls, or the
+    reader reaches ``stop_at``; polls then ask for no more than the records up to it, so
+    a full batch returns without waiting out the timeout)."""
     polls = 0
     batch = reader.poll(1, max(PROBE_POLL_TIMEOUT_MS, cfg.poll_timeout_ms))
     while batch is not None:
@@ -88,4 +100,9 @@ def _probe_polls(reader: PartitionReader, cfg: SourceConfig, max_polls: int | No
         polls += 1
         if max_polls is not None and polls >= max_polls:
             return
-        batch = reader.poll(cfg.max_batch_records, cfg.poll_timeout_ms)
+        wanted = cfg.max_batch_records
+        if stop_at is not None:
+            if reader.position() >= stop_at:
+                return
+            wanted = min(wanted, stop_at - reader.position())
+        batch = reader.poll(wanted, cfg.poll_timeout_ms)

@@ -192,6 +192,7 @@ class ReadLogFiles(beam.PTransform):
             # One file per worker at a time; reshuffle spreads files over workers.
             | "Spread" >> beam.Reshuffle()
             | "ReadLines" >> beam.ParDo(_ReadLogFileFn(self._max_batch_records, self._csv_header))
+            .with_output_types(SourceBatch)
         )
 
 
@@ -270,7 +271,7 @@ def plan_kafka_range(
         if lo < 0 or (hi is not None and hi < lo):
             raise SourceConfigError(f"{topic}[{p}]: offset range [{lo}, {hi}) is invalid (need 0 <= from <= to)")
     lows = {p: lo for p, (lo, _) in watermark_offsets(source_cfg, topic, partitions).items()}
-    ends = log_end_offsets(source_cfg, topic, partitions)
+    ends = log_end_offsets(source_cfg, topic, partitions, enough=tos)
     ranges: dict[int, tuple[int, int]] = {}
     if time_mode:
         starts = (exact_offsets_for_times(source_cfg, topic, {p: from_time_ms for p in partitions})
@@ -343,4 +344,5 @@ class ReadKafkaRange(beam.PTransform):
         batches = pbegin | "Read" >> ReadKafkaBatches(self._cfg, starts, end_offsets=ends)
         if self._from_time_ms is None and self._to_time_ms is None:
             return batches
-        return batches | "TimeWindow" >> beam.ParDo(_TimeWindowFn(self._from_time_ms, self._to_time_ms))
+        return batches | "TimeWindow" >> beam.ParDo(
+            _TimeWindowFn(self._from_time_ms, self._to_time_ms)).with_output_types(SourceBatch)

@@ -123,3 +123,59 @@ def test_message_larger_than_default_fetch_size_is_read(broker, new_topic, clien
     with open_reader(cfg, topic, 0, 0) as reader:
         batches = _read_all(reader, 3, max_records=10)
     assert [len(v) for b in batches for v in b.records.column(2).to_pylist()] == [5, len(big), 5]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_end_probe_stops_once_it_reaches_the_offset_asked_for(broker, new_topic, client, monkeypatch):
+    import streams.offsets as offsets
+
+    topic = new_topic(1)
+    for _ in range(4):
+        produce_values(broker.bootstrap, topic, [b"x"] * 50, partition=0, client=client)
+    cfg = _cfg(broker, topic, client)
+    empty_polls = []
+    real_backend_for = offsets.backend_for
+
+    class _Counting:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+        def open_reader(self, *args, **kwargs):
+            reader = self._backend.open_reader(*args, **kwargs)
+            poll = reader.poll
+
+            def counted(max_records, timeout_ms):
+                batch = poll(max_records, timeout_ms)
+                if batch is None:
+                    empty_polls.append(timeout_ms)
+                return batch
+
+            reader.poll = counted
+            return reader
+
+    monkeypatch.setattr(offsets, "backend_for", lambda kind: _Counting(real_backend_for(kind)))
+    # Confirming the end takes one poll that finds nothing and waits out its timeout...
+    assert log_end_offsets(cfg, topic, [0]) == {0: 200}
+    assert len(empty_polls) == 1
+    # ... which a bounded read that only needs to know the end is at or past 200 skips.
+    empty_polls.clear()
+    assert log_end_offsets(cfg, topic, [0], enough={0: 200}) == {0: 200}
+    assert empty_polls == []
+    # Asking for more than the log holds still finds the real end.
+    assert log_end_offsets(cfg, topic, [0], enough={0: 500}) == {0: 200}
+    assert len(empty_polls) == 1
+
+
+def test_confluent_reader_keeps_fetching_while_the_pipeline_works_unless_told_otherwise():
+    pytest.importorskip("confluent_kafka")
+    from streams.backend_confluent import _consumer_config
+
+    cfg = SourceConfig(bootstrap="127.0.0.1:9", topics=("t",), client=KafkaClientKind.CONFLUENT)
+    # librdkafka's default (1000 ms) pauses fetching whenever its queue is "full enough",
+    # which left a busy reader waiting for a fetch at every poll.
+    assert _consumer_config(cfg)["fetch.queue.backoff.ms"] == 10
+    user = dataclasses.replace(cfg, client_options={"fetch.queue.backoff.ms": "500"})
+    assert _consumer_config(user)["fetch.queue.backoff.ms"] == "500"

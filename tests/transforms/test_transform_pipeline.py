@@ -173,3 +173,26 @@ def test_coders_round_trip(setup):
     assert beam.coders.registry.get_coder(type(pb)).__class__ is ProcessedBatchCoder
     empty = process_batch(source_batch([]), spec, ms)
     assert c.decode(c.encode(empty)).batch.schema == empty.batch.schema
+
+
+def test_batch_pcollections_use_our_coders_and_size_them_without_encoding(setup, monkeypatch):
+    from streams.records import SourceBatch
+    from transforms.beam_steps import ProcessBatches, ProcessedBatchCoder, SourceBatchCoder
+
+    spec, ms, _, batches = setup
+    with beam.Pipeline() as p:
+        src = p | beam.Create(batches[:1]).with_output_types(SourceBatch)
+        out = src | ProcessBatches(spec)
+        # Typed, so Beam encodes with the registered coders, not with pickle.
+        assert beam.coders.registry.get_coder(out.element_type).__class__ is ProcessedBatchCoder
+    # Beam samples element sizes for its metrics; estimating must not encode the batch.
+    sb = batches[1]
+    pb = process_batch(sb, spec, ms)
+
+    def no_encode(self, value):
+        raise AssertionError("estimate_size encoded the batch")
+
+    monkeypatch.setattr(SourceBatchCoder, "encode", no_encode)
+    monkeypatch.setattr(ProcessedBatchCoder, "encode", no_encode)
+    assert SourceBatchCoder().estimate_size(sb) >= sb.records.nbytes > 0
+    assert ProcessedBatchCoder().estimate_size(pb) >= pb.batch.nbytes > 0
