@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from typing import Callable
 
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import orjson  # noqa: E402
 
+from bench.window import CacheWatcher  # noqa: E402
 from engine.config import config_from_dict  # noqa: E402
 from streams.synthetic import SyntheticSpec, generate_payloads, synthetic_config_dict  # noqa: E402
 
@@ -66,35 +66,14 @@ def timed_backfill(cfg, files: list[str], events: int) -> dict:
     from engine.backfill import backfill
     from engine.progress import ProgressLine
 
-    seen: list[tuple[float, int]] = []  # (time, events read) at each change
-    done = threading.Event()
-    poller = threading.Thread(target=_poll_reads, args=(cfg, seen, done), name="poll-reads", daemon=True)
     t0 = time.monotonic()
-    poller.start()
-    try:
+    with CacheWatcher(cfg) as watch:
         result = backfill(cfg, paths=files, progress=ProgressLine(enabled=False))
-    finally:
-        done.set()
-        poller.join()
     wall = time.monotonic() - t0
     if result["read"] != events:
         raise SystemExit(f"backfill read {result['read']} of {events} events")
-    (t_first, n_first), (t_last, n_last) = seen[0], seen[-1]
-    steady = (n_last - n_first) / (t_last - t_first) if t_last > t_first else events / wall
-    return {"events_per_s": steady, "wall_events_per_s": events / wall, "elapsed_s": wall}
-
-
-def _poll_reads(cfg, seen: list[tuple[float, int]], done: threading.Event, every_s: float = 0.1) -> None:
-    from storage.batch_cache import BatchCache
-
-    while not os.path.exists(os.path.join(cfg.cache.path, "data.mdb")):
-        if done.wait(every_s):
-            return
-    with BatchCache.from_config(cfg.cache, readonly=True) as cache:
-        while not done.wait(every_s):
-            read = cache.counts()["read"]
-            if read and (not seen or read > seen[-1][1]):
-                seen.append((time.monotonic(), read))
+    return {"events_per_s": watch.events_per_s(fallback=events / wall), "wall_events_per_s": events / wall,
+            "elapsed_s": wall}
 
 
 def backfill_workers(workers: int) -> Callable[[argparse.Namespace, str, list[str]], dict]:
