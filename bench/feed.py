@@ -79,7 +79,8 @@ def compare(rows: int = 200_000, *, table_rows: int = 100_000, batch_size: int =
 
             def train(name: str, feeds: list[str], **kw) -> dict:
                 doc["trainer"].update({"checkpoint_dir": os.path.join(tmp, f"ckpt-{name}"), "batch_size": batch_size,
-                                       "checkpoint_every_batches": 10**6, "device": device, "feeds": feeds})
+                                       "checkpoint_every_batches": 10**6, "device": device, "feeds": feeds,
+                                       "batch_ramp_samples": 0})  # whole batches: the rate under study
                 return ContinuousTrainer(config_from_dict(doc), live_metrics=False, **kw).run()
 
             train("warmup", [], max_batches=20)  # one-time costs (allocator, kernels) out of the first run

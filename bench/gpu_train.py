@@ -291,7 +291,8 @@ def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, d
         embedding_dim=shape.dim, bottom_mlp=shape.bottom_mlp, top_mlp=shape.top_hidden,
         batch_size=shape.batch_size, learning_rate=LEARNING_RATE, precision=precision,
         embedding_dtype=embedding_dtype, checkpoint_dir=checkpoint_dir,
-        checkpoint_every_batches=10**9, metrics_window=shape.batch_size, device=str(device))
+        checkpoint_every_batches=10**9, metrics_window=shape.batch_size, device=str(device),
+        batch_ramp_samples=0)  # the baseline trains whole batches from the first step
     # The baseline's model: no first-order part, no dense normaliser ([model] defaults add both).
     return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache or RowCacheConfig(), cache=cache_cfg,
                      model=ModelConfig(wide=False, normalize_dense=False))

@@ -49,7 +49,8 @@ def make_cfg(args, sharding: str):
                               for i in range(args.tables)]},
         "trainer": {"embedding_dim": args.dim, "bottom_mlp": [64, args.dim], "top_mlp": [64, 32],
                     "batch_size": args.batch_size, "sparse_optimizer": args.sparse_optimizer,
-                    "dense_optimizer": "adagrad", "learning_rate": 0.05},
+                    "dense_optimizer": "adagrad", "learning_rate": 0.05,
+                    "batch_ramp_samples": 0},  # whole batches, like the plain baseline
         "sharding": {"enabled": True, "device": "cpu", "tables": forced, "data_parallel_max_bytes": 0},
         # the embedding tables' exchange alone, as before [model] existed (this bench builds
         # the model around one sharded collection)

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         fill_cache(cfg0, spec, args.rows)
         for device in devices:
             doc["trainer"].update({"checkpoint_dir": os.path.join(tmp, f"ckpt-{device}"), "batch_size": args.batch_size,
-                                   "checkpoint_every_batches": 10**6, "device": device})
+                                   "checkpoint_every_batches": 10**6, "device": device,
+                                   "batch_ramp_samples": 0})  # steady-state steps, not the start's small ones
             r = measure(config_from_dict(doc), device, args.metrics == "on", os.path.join(tmp, "metrics"))
             print(f"{device}: {r['samples_per_s']:,.0f} samples/s trained, {r['load_samples_per_s']:,.0f} "
                   f"samples/s loaded alone, data wait {100 * r['data_wait_fraction']:.1f}% "

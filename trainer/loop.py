@@ -62,6 +62,7 @@ from torch import nn
 
 from storage.batch_cache import BatchCache
 from trainer.batch import TrainBatch
+from trainer.batch_ramp import chunk_bounds, ramp_for
 from trainer.checkpoint import LoadedCheckpoint
 from trainer.config import Precision, TrainSpec
 from trainer.data import BatchLayout, Cursor, TimedCuts, TrainingStream, TrainItem
@@ -72,6 +73,7 @@ from trainer.first_order import dense_param_groups, first_order_spec, first_orde
 from trainer.live_metrics import LiveMetrics
 from trainer.metrics import ProgressiveMetrics
 from trainer.model import build_model, fused_embeddings_from_config, tables_from_config
+from trainer.sharding import local_slice
 from trainer.stability import Warmup, clip_dense_gradients
 from trainer.step_strategy import LocalStep, StepStrategy
 from trainer.optim import build_optimizer, supports_sparse_gradients, use_sparse_gradients
@@ -162,6 +164,7 @@ class ContinuousTrainer:
         # The first-order part is not warmed up (trainer.stability says why).
         self.warmup = Warmup(t.warmup_steps, self.optimizer, [
             c for prefix, c in collections_of(self.model).items() if not prefix.startswith("first_order.")])
+        self.ramp = ramp_for(cfg)
         self.checkpoints = self.strategy.checkpoint_manager(cfg, keep_checkpoints)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # Totals since the first run of this checkpoint lineage.
@@ -301,6 +304,32 @@ class ContinuousTrainer:
                 collection.sparse_step()
         return self.strategy.global_scores(logits.detach(), loss.detach(), global_rows)
 
+    def _train_batch(self, item: TrainItem, batch: TrainBatch, upcoming: tuple[TrainItem, TrainBatch] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_train_step`` on the batch, or, while the batch ramp lasts, on consecutive chunks
+        of it in order (``trainer.batch_ramp``): the pre-update logits of every chunk in the
+        batch's row order, and the batch's mean loss. ``upcoming`` (the next item and its
+        prepared batch) is prefetched by the last step only if it will be trained whole: a
+        collection's prefetch is of one whole batch."""
+        n = item.batch.batch_size
+        world = self.strategy.world_size
+        ahead = None
+        if upcoming is not None:
+            up_n = upcoming[0].batch.batch_size
+            if self.ramp.step_rows(self.total_samples + n, up_n, world) >= up_n:
+                ahead = upcoming[1]
+        bounds = chunk_bounds(self.ramp, self.total_samples, n, world)
+        if len(bounds) == 1:
+            return self._train_step(batch, ahead, n)
+        logits, loss = [], None
+        for j, (a, b) in enumerate(bounds):
+            chunk = self.strategy.prepare(dataclasses.replace(item, batch=local_slice(item.batch, a, b)), self.device)
+            part, part_loss = self._train_step(chunk, ahead if j == len(bounds) - 1 else None, b - a)
+            logits.append(part)
+            weighted = part_loss * ((b - a) / n)
+            loss = weighted if loss is None else loss + weighted
+        return torch.cat(logits), loss
+
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -424,10 +453,9 @@ class ContinuousTrainer:
                         self.on_mapping_change(self.mapping_version, version, self.model,
                                                self.optimizer)
                 # No prefetch across a mapping change: the hook may move rows in between.
-                ahead = upcoming[1] if upcoming is not None and \
-                    upcoming[0].mapping_version == version else None
+                ahead = upcoming if upcoming is not None and upcoming[0].mapping_version == version else None
                 step_t0 = time.perf_counter()
-                logits, loss = self._train_step(batch, ahead, n)
+                logits, loss = self._train_batch(item, batch, ahead)
                 self.live.observe_step(time.perf_counter() - step_t0, item.event_time_ms, time.time())
                 pending.append((item, logits, loss))
                 self.mapping_version = version

@@ -51,6 +51,7 @@ class StepStrategy(Protocol):
     """See the module docstring."""
 
     is_main: bool
+    world_size: int  # ranks that share each batch
 
     def look_ahead(self, caps: CollectionCapabilities) -> bool: ...
 
@@ -86,6 +87,7 @@ class LocalStep:
     """One process trains every row of every batch."""
 
     is_main = True
+    world_size = 1
 
     def look_ahead(self, caps: CollectionCapabilities) -> bool:
         return caps.prefetch
@@ -138,6 +140,10 @@ class DistributedStep:
     @property
     def is_main(self) -> bool:
         return self.ctx.rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
 
     def look_ahead(self, caps: CollectionCapabilities) -> bool:
         return self.pipeline

@@ -1,0 +1,109 @@
+"""The batch ramp ([trainer] batch_ramp_start / batch_ramp_samples, trainer.batch_ramp):
+its schedule, its defaults per model kind, and on a real LMDB cache: chunked batches train
+exactly as batches of the chunk's size would, and a run stopped mid-ramp resumes bitwise.
+
+Data: test_model_kinds' cache (514 planted rows in 10 cached batches).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from tests.trainer.test_model_kinds import cached, make_cfg  # noqa: F401 (cached is a fixture)
+from trainer.batch_ramp import DEFAULT_RAMP_SAMPLES, BatchRamp, chunk_bounds, ramp_for
+from trainer.loop import ContinuousTrainer
+
+
+def test_steps_double_after_each_stage_until_a_step_is_the_batch():
+    ramp = BatchRamp(start=32, stage_samples=4096)
+    got = [ramp.step_rows(s, 512) for s in (0, 4095, 4096, 8192, 12288, 16383, 16384, 10 ** 9)]
+    assert got == [32, 32, 64, 128, 256, 256, 512, 512]
+    assert ramp.step_rows(0, 20) == 20  # a batch smaller than the first step trains whole
+    assert ramp.step_rows(0, 512, world_size=64) == 64  # every rank gets a row of each step
+    assert BatchRamp(32, 0).step_rows(0, 512) == 512  # off
+    with pytest.raises(ValueError, match="batch_ramp_start"):
+        BatchRamp(0, 4096)
+    with pytest.raises(ValueError, match="batch_ramp_samples"):
+        BatchRamp(32, -1)
+
+
+def test_a_batch_splits_into_steps_that_follow_the_schedule_row_by_row():
+    ramp = BatchRamp(start=32, stage_samples=4096)
+    # a stage boundary inside a batch takes effect there
+    sizes = [b - a for a, b in chunk_bounds(ramp, 3840, 512)]
+    assert sizes == [32] * 8 + [64] * 4
+    # a GPU-sized batch ramps within itself: 128 steps of 32, 64 of 64, ... then the rest whole
+    bounds = chunk_bounds(ramp, 0, 65536)
+    assert len(bounds) == 257 and bounds[0] == (0, 32) and bounds[-1] == (40960, 65536)
+    assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:]))
+    assert chunk_bounds(ramp, 16384, 512) == [(0, 512)]  # the ramp is over
+    # a remainder smaller than the world joins the step before it
+    assert chunk_bounds(ramp, 0, 65, world_size=2)[-1] == (32, 65)
+    with pytest.raises(ValueError):
+        chunk_bounds(ramp, 0, 0)
+
+
+def test_on_for_deep_models_off_for_linear_unless_set(cached):  # noqa: F811
+    assert ramp_for(make_cfg(cached, "d", "dlrm").train_spec()) == BatchRamp(32, DEFAULT_RAMP_SAMPLES)
+    assert ramp_for(make_cfg(cached, "c", "dcn_v2").train_spec()).stage_samples == DEFAULT_RAMP_SAMPLES
+    assert ramp_for(make_cfg(cached, "l", "linear").train_spec()).stage_samples == 0
+    set_linear = make_cfg(cached, "l2", "linear", trainer={"batch_ramp_samples": 128, "batch_ramp_start": 8})
+    assert ramp_for(set_linear.train_spec()) == BatchRamp(8, 128)
+    assert ramp_for(make_cfg(cached, "off", trainer={"batch_ramp_samples": 0}).train_spec()).stage_samples == 0
+    with pytest.raises(ConfigError, match="batch_ramp_start"):
+        make_cfg(cached, "bad", trainer={"batch_ramp_start": 0})
+
+
+def _state(trainer: ContinuousTrainer) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's state (nested extra state included), by path."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            out[prefix] = value.detach().clone()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+
+    for k, v in trainer.model.state_dict().items():
+        walk(k, v)
+    return out
+
+
+def test_chunked_batches_train_like_batches_of_the_chunk_size(cached):  # noqa: F811
+    """Batches of 64 split into steps of 16 (a ramp that never ends) equal batches of 16:
+    the same model after the 514 rows, and the same progressive metrics (each chunk scored
+    before its own step, not before the batch's)."""
+    chunked = ContinuousTrainer(make_cfg(cached, "chunked", trainer={
+        "batch_size": 64, "batch_ramp_start": 16, "batch_ramp_samples": 10 ** 9, "warmup_steps": 0}))
+    small = ContinuousTrainer(make_cfg(cached, "small", trainer={
+        "batch_size": 16, "batch_ramp_samples": 0, "warmup_steps": 0}))
+    whole = ContinuousTrainer(make_cfg(cached, "whole", trainer={
+        "batch_size": 64, "batch_ramp_samples": 0, "warmup_steps": 0}))
+    got = {name: t.run() for name, t in (("chunked", chunked), ("small", small), ("whole", whole))}
+    assert got["chunked"]["trained_samples"] == got["small"]["trained_samples"] == 514
+    a, b, c = _state(chunked), _state(small), _state(whole)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3  # the ramp changes training
+    for key in ("auc", "logloss"):
+        assert got["chunked"][key] == pytest.approx(got["small"][key], abs=1e-9)
+        assert got["chunked"][key] != pytest.approx(got["whole"][key], abs=1e-6)
+
+
+def test_a_run_stopped_mid_ramp_resumes_bitwise(cached):  # noqa: F811
+    """Steps of 16 for the first 128 rows, then 32, then whole batches of 64: stopped after
+    3 batches (inside the ramp) and resumed, it ends bitwise where one run ends."""
+    ramp = {"batch_ramp_start": 16, "batch_ramp_samples": 128}
+    one = ContinuousTrainer(make_cfg(cached, "one", trainer=ramp))
+    one.run()
+    ContinuousTrainer(make_cfg(cached, "split", trainer=ramp), max_batches=3).run()
+    resumed = ContinuousTrainer(make_cfg(cached, "split", trainer=ramp))
+    resumed.run()
+    assert resumed.total_samples == one.total_samples == 514
+    a, b = _state(one), _state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.metrics.summary() == one.metrics.summary()
