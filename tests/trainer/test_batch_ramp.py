@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from tests.trainer.test_model_kinds import cached, make_cfg  # noqa: F401 (cached is a fixture)
+from tests.trainer.test_model_kinds import cached, make_cfg, run_sharded_one_rank, scores  # noqa: F401 (a fixture)
 from trainer.batch_ramp import DEFAULT_RAMP_SAMPLES, BatchRamp, chunk_bounds, ramp_for
 from trainer.loop import ContinuousTrainer
 
@@ -107,3 +107,23 @@ def test_a_run_stopped_mid_ramp_resumes_bitwise(cached):  # noqa: F811
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed.metrics.summary() == one.metrics.summary()
+
+
+def test_the_ramp_ends_alike_plain_row_cached_and_sharded(cached):  # noqa: F811
+    """Steps of 16, then 32, then whole batches from the 256th row: the row cache and the
+    sharded collection prefetch the next batch only when it trains whole, so the three
+    placements train alike through the switch from chunked batches to whole ones."""
+    ramp = {"batch_ramp_start": 16, "batch_ramp_samples": 128}
+    plain = ContinuousTrainer(make_cfg(cached, "ramp-plain", trainer=ramp))
+    ref = plain.run()
+    ref_scores = scores(plain)
+    rc = {"enabled": True, "path": str(cached / "ramp-rows"), "cache_rows": 36, "fsync": False}
+    row_cached = ContinuousTrainer(make_cfg(cached, "ramp-rows", trainer=ramp, row_cache=rc))
+    runs = {"row_cached": (row_cached.run(), scores(row_cached))}
+    summary, probe, _ = run_sharded_one_rank(
+        make_cfg(cached, "ramp-sharded", trainer=ramp, sharding={"enabled": True, "device": "cpu"}))
+    runs["sharded"] = (summary, probe)
+    for name, (summary, probe) in runs.items():
+        assert summary["trained_samples"] == ref["trained_samples"] == 514, name
+        assert summary["logloss"] == pytest.approx(ref["logloss"], abs=1e-6), name
+        torch.testing.assert_close(probe, ref_scores, rtol=0, atol=1e-5, msg=name)
