@@ -59,14 +59,18 @@ def _run_until(cfg, shares, stop_path, events: int) -> None:
     has read ``events``; then their stop file, as ``serve`` stops them."""
     stop_file = StopFile(stop_path)
     threads = [threading.Thread(target=pipeline_main, args=(cfg, stop_file.path, None, share)) for share in shares]
-    for t in threads:
-        t.start()
-    try:
-        wait_until(lambda: cache_counts(cfg.cache.path)["read"] >= events, 120, f"{events} events cached")
-    finally:
-        stop_file.request()
+    # Workers and the poller below share this process's LMDB environment, which must be
+    # opened writable first (storage.lmdb_env): a poll that opened it read-only before a
+    # worker thread did would make that worker fail.
+    with BatchCache.from_config(cfg.cache):
         for t in threads:
-            t.join(timeout=60)
+            t.start()
+        try:
+            wait_until(lambda: cache_counts(cfg.cache.path)["read"] >= events, 120, f"{events} events cached")
+        finally:
+            stop_file.request()
+            for t in threads:
+                t.join(timeout=60)
 
 
 # ----------------------------------------------------------------------------- pure
