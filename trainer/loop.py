@@ -313,11 +313,9 @@ class ContinuousTrainer:
         collection's prefetch is of one whole batch."""
         n = item.batch.batch_size
         world = self.strategy.world_size
-        ahead = None
-        if upcoming is not None:
-            up_n = upcoming[0].batch.batch_size
-            if self.ramp.step_rows(self.total_samples + n, up_n, world) >= up_n:
-                ahead = upcoming[1]
+        whole_next = upcoming is not None and len(
+            chunk_bounds(self.ramp, self.total_samples + n, upcoming[0].batch.batch_size, world)) == 1
+        ahead = upcoming[1] if whole_next else None
         bounds = chunk_bounds(self.ramp, self.total_samples, n, world)
         if len(bounds) == 1:
             return self._train_step(batch, ahead, n)
