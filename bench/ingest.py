@@ -15,7 +15,9 @@ long-lived service pays once: events/s from the first batch cached to the last (
     python bench/ingest.py [--events 300000] [--metrics off|on|compare] [--json]
 
 With ``--json`` the last line is ``{"events_per_s", "baseline_events_per_s", "ratio",
-"steady_events_per_s", "baseline_steady_events_per_s", "steady_ratio", ...}``.
+"steady_events_per_s", "baseline_steady_events_per_s", "steady_ratio",
+"bare_consume_events_per_s", ...}``; the last is a bare confluent-kafka ``consume`` loop on the
+same topic (the broker's side alone; null without confluent-kafka).
 ``--metrics on`` runs the pipeline as ``serve``/``backfill`` do, keeping the ingest metrics
 and writing their snapshots (``engine.metrics``); ``compare`` runs the pipeline with metrics
 off and on ``--repeats`` times each, alternating, and adds ``metrics_overhead`` (1 - median
@@ -122,6 +124,25 @@ def run_headrace(bootstrap: str, topic: str, events: int, workdir: str, client: 
     return events / wall, events / cpu, counts, watch.events_per_s(fallback=events / wall)
 
 
+def run_bare_consume(bootstrap: str, topic: str, events: int, batch: int = 4096) -> float | None:
+    """The broker's side alone: a bare confluent-kafka ``consume(batch)`` loop taking each
+    message's value and nothing else (events/s wall), or None without confluent-kafka. The
+    pipeline's figure is compared with this to say whether the broker is the ceiling."""
+    try:
+        import confluent_kafka as ck
+    except ImportError:
+        return None
+    consumer = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-bare", "enable.auto.commit": False})
+    consumer.assign([ck.TopicPartition(topic, 0, 0)])
+    value = ck.Message.value
+    t0, done = time.perf_counter(), 0
+    while done < events:
+        done += len(list(map(value, consumer.consume(num_messages=batch, timeout=0.5))))
+    wall = time.perf_counter() - t0
+    consumer.close()
+    return events / wall
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=300_000)
@@ -142,6 +163,9 @@ def main(argv=None) -> int:
         create_topic(broker.bootstrap, topic, partitions=1)
         print(f"producing {args.events:,} Criteo-shaped JSON events...", file=sys.stderr)
         _produce(broker.bootstrap, topic, args.events)
+        bare = run_bare_consume(broker.bootstrap, topic, args.events)
+        if bare is not None:
+            print(f"bare consume: {bare:,.0f} events/s wall (confluent-kafka, values only)", file=sys.stderr)
         base_wall, base_cpu, base_steady = run_baseline(broker.bootstrap, topic, args.events, workdir)
         print(f"baseline : {base_wall:,.0f} events/s wall, {base_cpu:,.0f} events/cpu-s, "
               f"{base_steady:,.0f} events/s steady", file=sys.stderr)
@@ -162,7 +186,7 @@ def main(argv=None) -> int:
         "no_id_stats_events_per_s": bare_wall, "no_id_stats_events_per_cpu_s": bare_cpu,
         "cpu_ratio": ours_cpu / base_cpu,
         "steady_events_per_s": ours_steady, "baseline_steady_events_per_s": base_steady,
-        "steady_ratio": ours_steady / base_steady,
+        "steady_ratio": ours_steady / base_steady, "bare_consume_events_per_s": bare,
     }
     if overhead is not None:
         result.update(overhead)
