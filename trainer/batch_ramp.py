@@ -7,12 +7,14 @@ that is the whole difference to online logistic regression (measured in
 ``bench/quality.py --events 10000``; README "Tuning").
 
 So the first samples train in steps of ``start`` rows, doubling after every
-``stage_samples`` samples until a step is the whole batch: with the defaults (32, 4096) the
-ramp covers the first 16,384 samples of a 512-row batch in 240 steps instead of 32, then
-costs nothing (a batch of 65,536 on a GPU: its first batch trains in 257 steps). The
+``stage_samples`` samples until a step is the whole batch: with the defaults (4, 4096) the
+ramp covers the first 28,672 samples of a 512-row batch in 2,033 steps instead of 56, then
+costs nothing (a batch of 65,536 on a GPU: its first batch trains in 2,049 steps). The
 loader's batches stay as they are: a batch is split into consecutive
-chunks, each scored (progressive metrics) and trained on in order, exactly as if the
-batches had been that small. The step size is a function of the samples trained so far
+chunks, each scored (progressive metrics) and trained on in order, as if the batches had
+been that small, except that each chunk steps with its share of the batch's loss
+(``ContinuousTrainer._train_batch``), so the Adagrad accumulators do not depend on the
+ramp. The step size is a function of the samples trained so far
 (checkpointed), so resume continues the ramp where it stood, and every rank of a
 distributed job splits alike (each chunk is then sliced across the ranks like a batch).
 """
@@ -23,14 +25,14 @@ import dataclasses
 
 __all__ = ["BatchRamp", "chunk_bounds", "ramp_for", "DEFAULT_RAMP_SAMPLES"]
 
-#: ``[trainer] batch_ramp_samples`` when unset, for a model with a deep part.
+#: ``[trainer] batch_ramp_samples``'s default.
 DEFAULT_RAMP_SAMPLES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchRamp:
-    start: int = 32
-    stage_samples: int = 4096  # 0 = off
+    start: int = 4
+    stage_samples: int = DEFAULT_RAMP_SAMPLES  # 0 = off
 
     def __post_init__(self):
         if self.start < 1:
@@ -51,17 +53,8 @@ class BatchRamp:
 
 
 def ramp_for(spec) -> BatchRamp:
-    """The ramp a ``TrainSpec`` asks for. Unset ``batch_ramp_samples`` means
-    ``DEFAULT_RAMP_SAMPLES``, except for ``[model] kind = "linear"``: logistic regression's
-    dense weights train under the dense optimizer (Adagrad by default), whose accumulators
-    grow with every small step and never forget, so the ramp's many early steps shrink
-    every later step of those weights (measured: README "Tuning")."""
-    from trainer.config import ModelKind
-
-    samples = spec.trainer.batch_ramp_samples
-    if samples is None:
-        samples = 0 if spec.model.kind is ModelKind.LINEAR else DEFAULT_RAMP_SAMPLES
-    return BatchRamp(spec.trainer.batch_ramp_start, samples)
+    """The ramp a ``TrainSpec`` asks for (``[trainer] batch_ramp_start``, ``batch_ramp_samples``)."""
+    return BatchRamp(spec.trainer.batch_ramp_start, spec.trainer.batch_ramp_samples)
 
 
 def chunk_bounds(ramp: BatchRamp, trained_samples: int, batch_rows: int, world_size: int = 1

@@ -275,14 +275,16 @@ class ContinuousTrainer:
         return BatchCache.from_config(dataclasses.replace(self.cfg.cache, path=self.cache_path),
                                       readonly=readonly)
 
-    def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None, global_rows: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, batch: TrainBatch, upcoming: TrainBatch | None, global_rows: int,
+                    share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on ``batch`` (already on the device); returns the (detached) pre-update
         logits and the loss of the whole training batch (``StepStrategy.global_scores``). ``upcoming`` is
         handed to the collections' ``prefetch`` right after the forward pass, so its rows/ids
-        travel while this step computes. Learning rates follow the warmup, dense gradients
-        are clipped (``trainer.stability``)."""
-        self.model.train()
+        travel while this step computes. The gradient is that of ``share`` times the mean
+        loss (a ramp chunk's share of its batch, ``_train_batch``). Learning rates follow the
+        warmup, dense gradients are clipped (``trainer.stability``)."""
+        if not self.model.training:  # train() walks every submodule: ~0.3 ms a step on a CPU
+            self.model.train()
         self.warmup.apply(self.total_batches)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -293,7 +295,7 @@ class ContinuousTrainer:
                 if capabilities_of(collection).prefetch:
                     collection.prefetch(upcoming.sparse)
         loss = self.strategy.scaled_loss(self.loss_fn(logits, batch.labels), global_rows)
-        loss.backward()
+        (loss if share == 1.0 else loss * share).backward()
         clip_dense_gradients(self.model.parameters(), self.cfg.trainer.clip_grad_norm)
         # Sparse embedding gradients are built by autograd itself, so torch's invariant
         # checks would only cost time; opting out explicitly also silences its warning.
@@ -308,9 +310,13 @@ class ContinuousTrainer:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_train_step`` on the batch, or, while the batch ramp lasts, on consecutive chunks
         of it in order (``trainer.batch_ramp``): the pre-update logits of every chunk in the
-        batch's row order, and the batch's mean loss. ``upcoming`` (the next item and its
-        prepared batch) is prefetched by the last step only if it will be trained whole: a
-        collection's prefetch is of one whole batch."""
+        batch's row order, and the batch's mean loss. Each chunk steps with its share of the
+        batch's mean loss (rows / batch rows), so a sample moves the model as much in a small
+        step as in a whole batch and the Adagrad accumulators do not depend on the ramp: with
+        each chunk's own mean loss, the many early steps of small noisy gradients grew the
+        accumulators ~(batch / chunk)x and shrank every later step (README "Tuning").
+        ``upcoming`` (the next item and its prepared batch) is prefetched by the last step
+        only if it will be trained whole: a collection's prefetch is of one whole batch."""
         n = item.batch.batch_size
         world = self.strategy.world_size
         whole_next = upcoming is not None and len(
@@ -322,9 +328,10 @@ class ContinuousTrainer:
         logits, loss = [], None
         for j, (a, b) in enumerate(bounds):
             chunk = self.strategy.prepare(dataclasses.replace(item, batch=local_slice(item.batch, a, b)), self.device)
-            part, part_loss = self._train_step(chunk, ahead if j == len(bounds) - 1 else None, b - a)
+            share = (b - a) / n
+            part, part_loss = self._train_step(chunk, ahead if j == len(bounds) - 1 else None, b - a, share)
             logits.append(part)
-            weighted = part_loss * ((b - a) / n)
+            weighted = part_loss * share
             loss = weighted if loss is None else loss + weighted
         return torch.cat(logits), loss
 

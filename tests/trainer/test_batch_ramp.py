@@ -1,6 +1,6 @@
 """The batch ramp ([trainer] batch_ramp_start / batch_ramp_samples, trainer.batch_ramp):
-its schedule, its defaults per model kind, and on a real LMDB cache: chunked batches train
-exactly as batches of the chunk's size would, and a run stopped mid-ramp resumes bitwise.
+its schedule and defaults, and on a real LMDB cache: a chunk steps with its share of the
+batch's loss, a run stopped mid-ramp resumes bitwise, and the placements train alike.
 
 Data: test_model_kinds' cache (514 planted rows in 10 cached batches).
 """
@@ -45,15 +45,17 @@ def test_a_batch_splits_into_steps_that_follow_the_schedule_row_by_row():
         chunk_bounds(ramp, 0, 0)
 
 
-def test_on_for_deep_models_off_for_linear_unless_set(cached):  # noqa: F811
-    assert ramp_for(make_cfg(cached, "d", "dlrm").train_spec()) == BatchRamp(32, DEFAULT_RAMP_SAMPLES)
-    assert ramp_for(make_cfg(cached, "c", "dcn_v2").train_spec()).stage_samples == DEFAULT_RAMP_SAMPLES
-    assert ramp_for(make_cfg(cached, "l", "linear").train_spec()).stage_samples == 0
+def test_on_by_default_for_every_kind(cached):  # noqa: F811
+    for kind in ("dlrm", "dcn_v2", "linear"):
+        assert ramp_for(make_cfg(cached, kind, kind).train_spec()) == BatchRamp(4, DEFAULT_RAMP_SAMPLES), kind
+    assert BatchRamp() == BatchRamp(4, DEFAULT_RAMP_SAMPLES)
     set_linear = make_cfg(cached, "l2", "linear", trainer={"batch_ramp_samples": 128, "batch_ramp_start": 8})
     assert ramp_for(set_linear.train_spec()) == BatchRamp(8, 128)
     assert ramp_for(make_cfg(cached, "off", trainer={"batch_ramp_samples": 0}).train_spec()).stage_samples == 0
     with pytest.raises(ConfigError, match="batch_ramp_start"):
         make_cfg(cached, "bad", trainer={"batch_ramp_start": 0})
+    with pytest.raises(ConfigError, match="batch_ramp_samples"):
+        make_cfg(cached, "bad", trainer={"batch_ramp_samples": -1})
 
 
 def _state(trainer: ContinuousTrainer) -> dict[str, torch.Tensor]:
@@ -72,25 +74,31 @@ def _state(trainer: ContinuousTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_chunked_batches_train_like_batches_of_the_chunk_size(cached):  # noqa: F811
-    """Batches of 64 split into steps of 16 (a ramp that never ends) equal batches of 16:
-    the same model after the 514 rows, and the same progressive metrics (each chunk scored
-    before its own step, not before the batch's)."""
-    chunked = ContinuousTrainer(make_cfg(cached, "chunked", trainer={
-        "batch_size": 64, "batch_ramp_start": 16, "batch_ramp_samples": 10 ** 9, "warmup_steps": 0}))
-    small = ContinuousTrainer(make_cfg(cached, "small", trainer={
-        "batch_size": 16, "batch_ramp_samples": 0, "warmup_steps": 0}))
-    whole = ContinuousTrainer(make_cfg(cached, "whole", trainer={
-        "batch_size": 64, "batch_ramp_samples": 0, "warmup_steps": 0}))
-    got = {name: t.run() for name, t in (("chunked", chunked), ("small", small), ("whole", whole))}
-    assert got["chunked"]["trained_samples"] == got["small"]["trained_samples"] == 514
-    a, b, c = _state(chunked), _state(small), _state(whole)
+def test_each_chunk_steps_with_its_share_of_the_batch(cached):  # noqa: F811
+    """Batches of 64 split into steps of 16 (a ramp that never ends) train as batches of 16
+    whose gradient is a quarter of their mean loss's: under SGD, batches of 16 at a quarter
+    of the learning rate give the same model over the first 512 rows, and the same
+    progressive metrics (each chunk scored before its own step, not before the batch's).
+    With each chunk's own mean loss (the ramp before this rule) the chunked model would
+    equal batches of 16 at the full rate, which this test tells apart."""
+    sgd = {"optimizer": "sgd", "sparse_optimizer": "sgd", "warmup_steps": 0, "clip_grad_norm": 0.0}
+    lr = 0.2
+    model = {"kind": "dlrm", "wide": False}
+    chunked = ContinuousTrainer(make_cfg(cached, "chunked", model=model, trainer={
+        **sgd, "learning_rate": lr, "batch_size": 64, "batch_ramp_start": 16, "batch_ramp_samples": 10 ** 9}),
+        max_batches=8)
+    shared = ContinuousTrainer(make_cfg(cached, "shared", model=model, trainer={
+        **sgd, "learning_rate": lr / 4, "batch_size": 16, "batch_ramp_samples": 0}), max_batches=32)
+    full = ContinuousTrainer(make_cfg(cached, "full", model=model, trainer={
+        **sgd, "learning_rate": lr, "batch_size": 16, "batch_ramp_samples": 0}), max_batches=32)
+    got = {name: t.run() for name, t in (("chunked", chunked), ("shared", shared), ("full", full))}
+    assert got["chunked"]["trained_samples"] == got["shared"]["trained_samples"] == 512
+    a, b, c = _state(chunked), _state(shared), _state(full)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3  # the ramp changes training
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3
     for key in ("auc", "logloss"):
-        assert got["chunked"][key] == pytest.approx(got["small"][key], abs=1e-9)
-        assert got["chunked"][key] != pytest.approx(got["whole"][key], abs=1e-6)
+        assert got["chunked"][key] == pytest.approx(got["shared"][key], abs=1e-9)
 
 
 def test_a_run_stopped_mid_ramp_resumes_bitwise(cached):  # noqa: F811
