@@ -83,7 +83,7 @@ DATASETS = ("synthetic", "shop_events")
 LR_RATES = (0.03, 0.1, 0.3)  # per-coordinate Adagrad; the best of the three is reported
 AUC_SLACK = 0.002  # the default kind must be within this of the best kind's AUC
 # AUC differences below this are rounding (the linear kind with model.first_order_accumulator=batch
-# is the per-batch baseline's learner in fp32: at the same rate their AUCs agree to ~1e-9)
+# and no batch ramp is the per-batch baseline's learner in fp32: at the same rate their AUCs agree to ~1e-9)
 AUC_TIE = 1e-6
 
 

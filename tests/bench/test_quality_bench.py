@@ -11,10 +11,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_quality_bench_prints_each_kind_next_to_the_baseline():
-    # with the batch accumulator the linear kind is the per-batch baseline's learner
+    # with the batch accumulator and no batch ramp the linear kind is the per-batch baseline's learner
     out = run_json("bench/quality.py", "--events", "2000", "--datasets", "shop_events", "--kinds", "linear",
                    "--model-seeds", "1", "--set", "model.first_order_accumulator=batch",
-                   "--set", "model.first_order_learning_rate=0.1", "--json")
+                   "--set", "model.first_order_learning_rate=0.1", "--set", "trainer.batch_ramp_samples=0", "--json")
     shop = out["datasets"]["shop_events"]
     assert shop["events"] == 2000 and set(shop["models"]) == {"linear"}
     for key in ("lr_auc", "lr_logloss", "lr_per_example_auc", "lr_per_example_logloss"):
