@@ -197,7 +197,11 @@ def test_freshness_in_the_summary_agrees_with_the_producers_clock(broker, new_to
     topic = new_topic(partitions=1)
     batch, window = 512, 2560  # a batch fills in ~2.6 s: freshness p50 is well above zero
     doc = small_config_doc(tmp_path, bootstrap=broker.bootstrap, topic=topic, metrics={"listen": "127.0.0.1:0"})
-    doc["trainer"].update({"batch_size": batch, "metrics_window": window, "checkpoint_every_batches": 1000})
+    doc["trainer"].update({"batch_size": batch, "metrics_window": window, "checkpoint_every_batches": 1000,
+                           # whole batches from the start: the batch ramp's ~2,000 small steps would
+                           # leave the trainer behind the stream for its first 28k samples (this
+                           # test's whole run), and the last ones past the 4 s allowance below
+                           "batch_ramp_samples": 0})
     _, log, proc, cache, address = _start(tmp_path, doc)
     sent_ms: list[int] = []
     done = threading.Event()
