@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["BatchRamp", "chunk_bounds", "ramp_for", "DEFAULT_RAMP_SAMPLES"]
+__all__ = ["BatchRamp", "chunk_bounds", "ramp_for", "DEFAULT_RAMP_START", "DEFAULT_RAMP_SAMPLES"]
 
-#: ``[trainer] batch_ramp_samples``'s default.
+#: ``[trainer] batch_ramp_start``'s and ``batch_ramp_samples``'s defaults.
+DEFAULT_RAMP_START = 4
 DEFAULT_RAMP_SAMPLES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchRamp:
-    start: int = 4
+    start: int = DEFAULT_RAMP_START
     stage_samples: int = DEFAULT_RAMP_SAMPLES  # 0 = off
 
     def __post_init__(self):

@@ -42,7 +42,7 @@ import enum
 from storage.config import CacheConfig
 from storage.metrics_history import MIN_MAX_BYTES
 from transforms.config import SchemaConfig
-from trainer.batch_ramp import BatchRamp
+from trainer.batch_ramp import DEFAULT_RAMP_SAMPLES, DEFAULT_RAMP_START, BatchRamp
 
 __all__ = [
     "TrainSpec",
@@ -141,8 +141,8 @@ class TrainerConfig:
     # Small steps first (trainer.batch_ramp): the first samples train in steps of
     # batch_ramp_start rows, doubling after every batch_ramp_samples samples until a step is
     # the whole batch (0 = off: every step is a batch). Measured: README "Tuning".
-    batch_ramp_start: int = 4
-    batch_ramp_samples: int = 4096
+    batch_ramp_start: int = DEFAULT_RAMP_START
+    batch_ramp_samples: int = DEFAULT_RAMP_SAMPLES
     # Metrics history beside the checkpoints (checkpoint_dir/metrics-history.jsonl, read by
     # headrace report): a record every history_every_s seconds of training (0 = at every
     # progress report), the file thinned oldest-first to stay under history_max_bytes.
