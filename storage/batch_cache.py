@@ -47,50 +47,46 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import lmdb
 
+from storage import cache_stats
 from storage.admission import WriteStatus, admit, check, classify, encode_batch
 from storage.cache_keys import (
-    DEAD_REASON_PREFIX,
     BatchMeta,
     Counter,
     StateKey,
+    SubDb,
+    add_i64,
     cut_key,
     dead_reason_key,
-    decode_i64,
     decode_u64,
     encode_i64,
     encode_u64,
     get_i64,
-    add_i64,
     parse_cut_key,
     parse_partition_key,
     partition_key,
-    seq_from_key,
     seq_key,
     validate_partition,
     validate_topic,
 )
-from storage.cache_reader import CachedBatch, CacheReader
+from storage.cache_reader import CachedBatch, CacheReader, follow_batches
 from storage.dead_letters import (
     DeadLetterDbs,
-    decode_dead_letter,
     expire_dead_letters,
     index_stored_dead_letters,
-    reason_of,
+    iter_dead_letters,
     store_dead_letters,
 )
 from storage.disk_space import check_free, disk_full_error, disk_usage, effective_reserve_bytes
 from storage.errors import CacheError, StorageError
 from storage.lmdb_env import MAX_DBS, MAX_READERS, Durability, EnvHandle, acquire, release
-from storage.retention import RetentionPlan, plan_retention
+from storage.retention import RetentionPlan, apply_retention
 from transforms.elements import DeadLetter, ProcessedBatch, Reason
 
 __all__ = ["BatchCache", "CachedBatch", "CacheReader", "WriteStatus", "Durability", "WriteHook", "SubDb"]
@@ -104,23 +100,12 @@ _log = logging.getLogger(__name__)
 #: retried after growing a full map), so it must not have effects outside ``txn``.
 WriteHook = Callable[[Any, ProcessedBatch, int], None]
 
-_DEAD_LETTER_CHUNK = 512
 _MAX_GROW_ATTEMPTS = 16
 #: A failed commit with less than this much more than the write needed free on the cache's
 #: file system is reported as disk full (LMDB says "Input/output error" after a short write).
 _DISK_FULL_SLACK_BYTES = 64 << 20
 _DEAD_ORDER_DB = "dead_letter_order"
 _TRAIN_CUTS_DB = "train_cuts"
-
-
-class SubDb(enum.Enum):
-    BATCHES = "batches"
-    META = "batch_meta"
-    OFFSETS = "offsets"
-    DEAD_LETTERS = "dead_letters"
-    COUNTERS = "counters"
-    READERS = "readers"
-    STATE = "state"
 
 
 def _write_estimate_bytes(pb: ProcessedBatch) -> int:
@@ -438,7 +423,7 @@ class BatchCache:
                 if txn.get(key.key, db=state) != encode_i64(value):
                     txn.put(key.key, encode_i64(value), db=state)
             expire_dead_letters(txn, self._dead_dbs(), self._dead_letter_max_bytes)
-            return status, self._retain(txn, self._max_bytes)
+            return status, apply_retention(txn, self._db, self._cuts, self._max_bytes)
 
         try:
             status, plan = self._write_txn(body)
@@ -471,47 +456,6 @@ class BatchCache:
 
     # ------------------------------------------------------------------ retention
 
-    def _retain(self, txn, max_bytes: int) -> RetentionPlan:
-        """Apply retention inside ``txn`` and record its outcome in ``state``."""
-        d = self._db
-        counters, state = d[SubDb.COUNTERS], d[SubDb.STATE]
-        stored_bytes = get_i64(txn, counters, Counter.STORED_BYTES.key)
-        plan = RetentionPlan([], 0, 0, None)
-        if max_bytes > 0 and stored_bytes > max_bytes:
-            mcur = txn.cursor(db=d[SubDb.META])
-            newest = seq_from_key(mcur.key()) if mcur.last() else None
-            lowest = None
-            for name, raw in txn.cursor(db=d[SubDb.READERS]):
-                pos = decode_u64(raw)
-                if lowest is None or pos < lowest[1]:
-                    lowest = (bytes(name).decode(), pos)
-            rows_of: dict[int, int] = {}
-
-            def oldest_first():
-                for key, raw in txn.cursor(db=d[SubDb.META]):
-                    meta = BatchMeta.decode(raw)
-                    seq = seq_from_key(key)
-                    rows_of[seq] = meta.rows
-                    yield seq, meta.nbytes
-
-            plan = plan_retention(
-                oldest_first(), stored_bytes=stored_bytes, max_bytes=max_bytes, newest_seq=newest, lowest_reader=lowest
-            )
-            for seq in plan.delete_seqs:
-                txn.delete(seq_key(seq), db=d[SubDb.BATCHES])
-                txn.delete(seq_key(seq), db=d[SubDb.META])
-            if plan.delete_seqs and self._cuts is not None:
-                self._delete_cuts_below(txn, max(plan.delete_seqs) + 1)
-            add_i64(txn, counters, Counter.STORED_BATCHES.key, -len(plan.delete_seqs))
-            add_i64(txn, counters, Counter.STORED_ROWS.key, -sum(rows_of[s] for s in plan.delete_seqs))
-            add_i64(txn, counters, Counter.STORED_BYTES.key, -plan.freed_bytes)
-        if get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key) != plan.over_budget_bytes:
-            txn.put(StateKey.OVER_BUDGET_BYTES.key, encode_i64(plan.over_budget_bytes), db=state)
-        blocked = (plan.blocked_by_reader or "").encode()
-        if (txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"") != blocked:
-            txn.put(StateKey.BLOCKED_BY_READER.key, blocked, db=state)
-        return plan
-
     def _note_retention(self, plan: RetentionPlan) -> None:
         if plan.blocked_by_reader and not self._warned_blocked:
             _log.warning(
@@ -535,7 +479,7 @@ class BatchCache:
 
         def body(txn) -> RetentionPlan:
             txn.put(name.encode(), encode_u64(seq), db=d[SubDb.READERS])
-            return self._retain(txn, get_i64(txn, d[SubDb.STATE], StateKey.MAX_BYTES.key))
+            return apply_retention(txn, d, self._cuts, get_i64(txn, d[SubDb.STATE], StateKey.MAX_BYTES.key))
 
         self._note_retention(self._write_txn(body))
 
@@ -568,12 +512,6 @@ class BatchCache:
             if not cur.set_range(cut_key(start_seq, 0)):
                 return []
             return [parse_cut_key(k) for k in cur.iternext(keys=True, values=False)]
-
-    def _delete_cuts_below(self, txn, seq: int) -> None:
-        cur = txn.cursor(db=self._cuts)
-        ok = cur.first()
-        while ok and parse_cut_key(cur.key())[0] < seq:
-            ok = cur.delete() and bool(cur.key())  # moves to the next entry (none after the last)
 
     # -------------------------------------------------------------------- offsets
 
@@ -654,158 +592,31 @@ class BatchCache:
         A batch with ``skipped_batches > 0`` follows batches that retention deleted
         before this iterator reached them.
         """
-        if poll_interval_s <= 0:
-            raise CacheError(f"poll_interval_s must be > 0, got {poll_interval_s}")
-        expected = start_seq
-        waited_since: float | None = None
-        sleep_s = min(0.001, poll_interval_s)
-        while True:
-            if stop is not None and stop():
-                return
-            with self.reader() as r:
-                cb = r.read_at_or_after(expected, copy=not zero_copy)
-                if cb is not None and zero_copy:
-                    yield cb  # inside the transaction: its memory is valid until we resume
-            if cb is not None:
-                if not zero_copy:
-                    yield cb  # owns its memory: the transaction has ended already
-                expected = cb.seq + 1
-                waited_since = None
-                sleep_s = min(0.001, poll_interval_s)
-                continue
-            if not follow:
-                return
-            now = time.monotonic()
-            if waited_since is None:
-                waited_since = now
-            elif max_wait_s is not None and now - waited_since >= max_wait_s:
-                return
-            while True:
-                if stop is not None and stop():
-                    return
-                time.sleep(sleep_s)
-                sleep_s = min(sleep_s * 2, poll_interval_s)
-                last = self.last_seq()
-                if last is not None and last >= expected:
-                    break
-                if max_wait_s is not None and time.monotonic() - waited_since >= max_wait_s:
-                    return
+        return follow_batches(self.reader, start_seq, follow, stop, poll_interval_s, max_wait_s, zero_copy)
 
     # ---------------------------------------------------------------- accounting
 
     def counts(self) -> dict[str, int]:
         """Totals over the cache's life: read == cached_rows + filtered + dead_letters."""
         with self._txn() as txn:
-            c = self._db[SubDb.COUNTERS]
-            return {
-                name: get_i64(txn, c, counter.key)
-                for name, counter in (
-                    ("read", Counter.READ), ("cached_rows", Counter.CACHED_ROWS),
-                    ("filtered", Counter.FILTERED), ("dead_letters", Counter.DEAD_LETTERS),
-                )
-            }
+            return cache_stats.counts(txn, self._db)
 
     def sizes(self) -> dict[str, int]:
         """What the cache holds now and has written, from counters (constant time, unlike
         ``stat``): ``batches``, ``rows``, ``bytes`` (stored now), ``written_bytes`` and
         ``written_batches`` (ever), ``dead_letters_expired``."""
         with self._txn() as txn:
-            c = self._db[SubDb.COUNTERS]
-            return {
-                "batches": get_i64(txn, c, Counter.STORED_BATCHES.key),
-                "rows": get_i64(txn, c, Counter.STORED_ROWS.key),
-                "bytes": get_i64(txn, c, Counter.STORED_BYTES.key),
-                "written_bytes": get_i64(txn, c, Counter.WRITTEN_BYTES.key),
-                "written_batches": get_i64(txn, c, Counter.NEXT_SEQ.key),
-                "dead_letters_expired": get_i64(txn, c, Counter.DEAD_EXPIRED.key),
-            }
+            return cache_stats.sizes(txn, self._db)
 
     def dead_letters(self, *, reason: Reason | str | None = None, limit: int | None = None) -> Iterator[DeadLetter]:
         """Stored dead letters in (topic, partition, offset) order, optionally of one
         reason code, at most ``limit``. Reads in chunks of short transactions, so a
         concurrent writer's new dead letters may or may not appear."""
-        want = reason.value if isinstance(reason, Reason) else reason
-        if want is not None and want not in {r.value for r in Reason}:
-            raise CacheError(f"unknown dead-letter reason {want!r}; expected one of {[r.value for r in Reason]}")
-        if limit is not None and limit < 0:
-            raise CacheError(f"limit must be >= 0, got {limit}")
-        produced = 0
-        after: bytes | None = None
-        while limit is None or produced < limit:
-            chunk: list[DeadLetter] = []
-            with self._txn() as txn:
-                cur = txn.cursor(db=self._db[SubDb.DEAD_LETTERS])
-                ok = cur.first() if after is None else cur.set_range(after)
-                if ok and after is not None and bytes(cur.key()) == after:
-                    ok = cur.next()
-                while ok and len(chunk) < _DEAD_LETTER_CHUNK:
-                    key, value = cur.item()
-                    after = bytes(key)
-                    if want is None or reason_of(value) == want:
-                        chunk.append(decode_dead_letter(key, value))
-                    ok = cur.next()
-            for dl in chunk:
-                if limit is not None and produced >= limit:
-                    return
-                yield dl
-                produced += 1
-            if not ok:
-                return
+        return iter_dead_letters(self._txn, self._db[SubDb.DEAD_LETTERS], reason=reason, limit=limit)
 
     def stat(self) -> dict[str, Any]:
-        """A JSON-ready summary (string keys throughout; partitions as strings)."""
-        d = self._db
+        """A JSON-ready summary (string keys throughout; partitions as strings): see
+        ``storage.cache_stats.summary``, plus ``path``, ``map_size_bytes`` and ``disk``."""
         with self._txn() as txn:
-            c = d[SubDb.COUNTERS]
-            dead_by_reason: dict[str, int] = {}
-            cur = txn.cursor(db=c)
-            if cur.set_range(DEAD_REASON_PREFIX):
-                for key, raw in cur:
-                    key = bytes(key)
-                    if not key.startswith(DEAD_REASON_PREFIX):
-                        break
-                    dead_by_reason[key[len(DEAD_REASON_PREFIX):].decode()] = decode_i64(raw)
-            tmin = tmax = None
-            versions: dict[str, int] = {}
-            for _, raw in txn.cursor(db=d[SubDb.META]):
-                meta = BatchMeta.decode(raw)
-                versions[str(meta.mapping_version)] = versions.get(str(meta.mapping_version), 0) + 1
-                if meta.event_time_min_ms is not None:
-                    tmin = meta.event_time_min_ms if tmin is None else min(tmin, meta.event_time_min_ms)
-                    tmax = meta.event_time_max_ms if tmax is None else max(tmax, meta.event_time_max_ms)
-            offsets: dict[str, dict[str, int]] = {}
-            for key, raw in txn.cursor(db=d[SubDb.OFFSETS]):
-                topic, partition = parse_partition_key(key)
-                offsets.setdefault(topic, {})[str(partition)] = decode_u64(raw)
-            readers = {bytes(k).decode(): decode_u64(v) for k, v in txn.cursor(db=d[SubDb.READERS])}
-            r = CacheReader(txn, d[SubDb.BATCHES], d[SubDb.META])
-            state = d[SubDb.STATE]
-            blocked = bytes(txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"").decode()
-            return {
-                "path": self._path,
-                "batches": get_i64(txn, c, Counter.STORED_BATCHES.key),
-                "rows": get_i64(txn, c, Counter.STORED_ROWS.key),
-                "bytes": get_i64(txn, c, Counter.STORED_BYTES.key),
-                "written_bytes": get_i64(txn, c, Counter.WRITTEN_BYTES.key),
-                "offsets": offsets,
-                "dead_letters": dead_by_reason,
-                "event_time": None if tmin is None else [tmin, tmax],
-                "read": get_i64(txn, c, Counter.READ.key),
-                "cached_rows": get_i64(txn, c, Counter.CACHED_ROWS.key),
-                "filtered": get_i64(txn, c, Counter.FILTERED.key),
-                "dead_letters_total": get_i64(txn, c, Counter.DEAD_LETTERS.key),
-                "first_seq": r.first_seq(),
-                "last_seq": r.last_seq(),
-                "readers": readers,
-                "mapping_versions": versions,
-                "max_bytes": get_i64(txn, state, StateKey.MAX_BYTES.key),
-                "over_budget_bytes": get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key),
-                "blocked_by_reader": blocked or None,
-                "map_size_bytes": self._live().map_size_bytes,
-                "dead_letters_stored": get_i64(txn, c, Counter.DEAD_STORED.key),
-                "dead_letter_bytes": get_i64(txn, c, Counter.DEAD_STORED_BYTES.key),
-                "dead_letters_expired": get_i64(txn, c, Counter.DEAD_EXPIRED.key),
-                "dead_letter_max_bytes": get_i64(txn, state, StateKey.DEAD_LETTER_MAX_BYTES.key),
-                "train_cuts": 0 if self._cuts is None else int(txn.stat(self._cuts)["entries"]),
-                "disk": self.disk(),
-            }
+            out = cache_stats.summary(txn, self._db, self._cuts)
+        return {"path": self._path, **out, "map_size_bytes": self._live().map_size_bytes, "disk": self.disk()}

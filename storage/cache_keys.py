@@ -27,12 +27,24 @@ import struct
 from storage.errors import CacheError
 
 __all__ = [
-    "BatchMeta", "Counter", "StateKey",
+    "SubDb", "BatchMeta", "Counter", "StateKey",
     "seq_key", "seq_from_key", "partition_key", "parse_partition_key",
     "dead_letter_key", "parse_dead_letter_key", "cut_key", "parse_cut_key", "encode_u64", "decode_u64",
     "encode_i64", "decode_i64", "get_i64", "add_i64", "dead_reason_key", "DEAD_REASON_PREFIX",
     "validate_topic", "validate_partition",
 ]
+
+class SubDb(enum.Enum):
+    """The batch cache's named LMDB sub-databases (module docstring of ``storage.batch_cache``)."""
+
+    BATCHES = "batches"
+    META = "batch_meta"
+    OFFSETS = "offsets"
+    DEAD_LETTERS = "dead_letters"
+    COUNTERS = "counters"
+    READERS = "readers"
+    STATE = "state"
+
 
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")

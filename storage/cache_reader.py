@@ -14,8 +14,10 @@ file cannot reuse them) and holds back map growth in this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
@@ -24,7 +26,7 @@ from storage.cache_keys import BatchMeta, seq_from_key, seq_key
 from storage.errors import CacheError
 from transforms.elements import OFFSET_COLUMN
 
-__all__ = ["CachedBatch", "CacheReader"]
+__all__ = ["CachedBatch", "CacheReader", "follow_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,3 +157,51 @@ class CacheReader:
                 break
             found = cur.prev()
         return out
+
+
+def _last_seq(reader: Callable[[], contextlib.AbstractContextManager[CacheReader]]) -> int | None:
+    with reader() as r:
+        return r.last_seq()
+
+
+def follow_batches(reader: Callable[[], contextlib.AbstractContextManager[CacheReader]], start_seq: int,
+                   follow: bool, stop: Callable[[], bool] | None, poll_interval_s: float,
+                   max_wait_s: float | None, zero_copy: bool) -> Iterator[CachedBatch]:
+    """``BatchCache.iter_batches`` (which documents the options) over ``reader``, a callable
+    that opens one short read transaction (``BatchCache.reader``)."""
+    if poll_interval_s <= 0:
+        raise CacheError(f"poll_interval_s must be > 0, got {poll_interval_s}")
+    expected = start_seq
+    waited_since: float | None = None
+    sleep_s = min(0.001, poll_interval_s)
+    while True:
+        if stop is not None and stop():
+            return
+        with reader() as r:
+            cb = r.read_at_or_after(expected, copy=not zero_copy)
+            if cb is not None and zero_copy:
+                yield cb  # inside the transaction: its memory is valid until we resume
+        if cb is not None:
+            if not zero_copy:
+                yield cb  # owns its memory: the transaction has ended already
+            expected = cb.seq + 1
+            waited_since = None
+            sleep_s = min(0.001, poll_interval_s)
+            continue
+        if not follow:
+            return
+        now = time.monotonic()
+        if waited_since is None:
+            waited_since = now
+        elif max_wait_s is not None and now - waited_since >= max_wait_s:
+            return
+        while True:
+            if stop is not None and stop():
+                return
+            time.sleep(sleep_s)
+            sleep_s = min(sleep_s * 2, poll_interval_s)
+            last = _last_seq(reader)
+            if last is not None and last >= expected:
+                break
+            if max_wait_s is not None and time.monotonic() - waited_since >= max_wait_s:
+                return

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
 
 from storage.cache_keys import Counter, add_i64, dead_letter_key, encode_u64, get_i64, parse_dead_letter_key
 from storage.errors import CacheError
 from transforms.elements import DeadLetter, Reason, Stage
 
 __all__ = ["encode_dead_letter", "decode_dead_letter", "reason_of", "DeadLetterDbs",
-           "store_dead_letters", "expire_dead_letters", "index_stored_dead_letters"]
+           "store_dead_letters", "expire_dead_letters", "index_stored_dead_letters", "iter_dead_letters"]
 
 _HEAD = struct.Struct(">qHHII")
+_CHUNK = 512  # dead letters read per read transaction by iter_dead_letters
 
 
 def encode_dead_letter(dl: DeadLetter) -> bytes:
@@ -135,3 +137,36 @@ def index_stored_dead_letters(txn, dbs: DeadLetterDbs) -> int:
         _index(txn, dbs, key, len(key) + len(value))
         count += 1
     return count
+
+
+def iter_dead_letters(read_txn: Callable[[], contextlib.AbstractContextManager[Any]], db, *,
+                      reason: Reason | str | None = None, limit: int | None = None) -> Iterator[DeadLetter]:
+    """``BatchCache.dead_letters`` (which documents it): the dead letters of ``db`` read in
+    chunks, each in its own transaction from ``read_txn()``."""
+    want = reason.value if isinstance(reason, Reason) else reason
+    if want is not None and want not in {r.value for r in Reason}:
+        raise CacheError(f"unknown dead-letter reason {want!r}; expected one of {[r.value for r in Reason]}")
+    if limit is not None and limit < 0:
+        raise CacheError(f"limit must be >= 0, got {limit}")
+    produced = 0
+    after: bytes | None = None
+    while limit is None or produced < limit:
+        chunk: list[DeadLetter] = []
+        with read_txn() as txn:
+            cur = txn.cursor(db=db)
+            ok = cur.first() if after is None else cur.set_range(after)
+            if ok and after is not None and bytes(cur.key()) == after:
+                ok = cur.next()
+            while ok and len(chunk) < _CHUNK:
+                key, value = cur.item()
+                after = bytes(key)
+                if want is None or reason_of(value) == want:
+                    chunk.append(decode_dead_letter(key, value))
+                ok = cur.next()
+        for dl in chunk:
+            if limit is not None and produced >= limit:
+                return
+            yield dl
+            produced += 1
+        if not ok:
+            return

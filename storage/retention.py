@@ -1,4 +1,6 @@
-"""Which batches retention deletes (pure: no LMDB import).
+"""Which batches retention deletes (``plan_retention``, pure), and deleting them inside the
+batch cache's write transaction (``apply_retention``; no LMDB import: it takes the
+caller's transaction and sub-database handles).
 
 Rule: while stored batch bytes exceed ``max_bytes``, delete the oldest batch, except
 
@@ -21,8 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any, Mapping
 
-__all__ = ["RetentionPlan", "plan_retention"]
+from storage.cache_keys import (
+    BatchMeta, Counter, StateKey, SubDb, add_i64, decode_u64, encode_i64, get_i64, parse_cut_key, seq_from_key,
+    seq_key,
+)
+
+__all__ = ["RetentionPlan", "plan_retention", "apply_retention"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +68,54 @@ def plan_retention(
         remaining -= nbytes
     over = max(0, remaining - max_bytes)
     return RetentionPlan(delete, stored_bytes - remaining, over, blocked if over else None)
+
+
+def apply_retention(txn, dbs: Mapping[SubDb, Any], cuts, max_bytes: int) -> RetentionPlan:
+    """Apply retention inside the write transaction ``txn`` (deleting the batches, their
+    metadata and the training cuts below them; ``cuts``: that sub-database or None) and
+    record its outcome in ``state``."""
+    d = dbs
+    counters, state = d[SubDb.COUNTERS], d[SubDb.STATE]
+    stored_bytes = get_i64(txn, counters, Counter.STORED_BYTES.key)
+    plan = RetentionPlan([], 0, 0, None)
+    if max_bytes > 0 and stored_bytes > max_bytes:
+        mcur = txn.cursor(db=d[SubDb.META])
+        newest = seq_from_key(mcur.key()) if mcur.last() else None
+        lowest = None
+        for name, raw in txn.cursor(db=d[SubDb.READERS]):
+            pos = decode_u64(raw)
+            if lowest is None or pos < lowest[1]:
+                lowest = (bytes(name).decode(), pos)
+        rows_of: dict[int, int] = {}
+
+        def oldest_first():
+            for key, raw in txn.cursor(db=d[SubDb.META]):
+                meta = BatchMeta.decode(raw)
+                seq = seq_from_key(key)
+                rows_of[seq] = meta.rows
+                yield seq, meta.nbytes
+
+        plan = plan_retention(
+            oldest_first(), stored_bytes=stored_bytes, max_bytes=max_bytes, newest_seq=newest, lowest_reader=lowest
+        )
+        for seq in plan.delete_seqs:
+            txn.delete(seq_key(seq), db=d[SubDb.BATCHES])
+            txn.delete(seq_key(seq), db=d[SubDb.META])
+        if plan.delete_seqs and cuts is not None:
+            _delete_cuts_below(txn, cuts, max(plan.delete_seqs) + 1)
+        add_i64(txn, counters, Counter.STORED_BATCHES.key, -len(plan.delete_seqs))
+        add_i64(txn, counters, Counter.STORED_ROWS.key, -sum(rows_of[s] for s in plan.delete_seqs))
+        add_i64(txn, counters, Counter.STORED_BYTES.key, -plan.freed_bytes)
+    if get_i64(txn, state, StateKey.OVER_BUDGET_BYTES.key) != plan.over_budget_bytes:
+        txn.put(StateKey.OVER_BUDGET_BYTES.key, encode_i64(plan.over_budget_bytes), db=state)
+    blocked = (plan.blocked_by_reader or "").encode()
+    if (txn.get(StateKey.BLOCKED_BY_READER.key, db=state) or b"") != blocked:
+        txn.put(StateKey.BLOCKED_BY_READER.key, blocked, db=state)
+    return plan
+
+
+def _delete_cuts_below(txn, cuts, seq: int) -> None:
+    cur = txn.cursor(db=cuts)
+    ok = cur.first()
+    while ok and parse_cut_key(cur.key())[0] < seq:
+        ok = cur.delete() and bool(cur.key())  # moves to the next entry (none after the last)
