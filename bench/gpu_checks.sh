@@ -52,6 +52,10 @@ step fused_cuda_tests 90 "${PYTEST[@]}" tests/trainer/test_fused_embedding.py \
 step gpu_train_d16 150 python3 bench/gpu_train.py --device cuda --dim 16 --json
 step gpu_train_d16_bf16 90 python3 bench/gpu_train.py --device cuda --dim 16 --precision bf16 \
   --no-row-cache --json
+# [model] interaction's default (the pooled embeddings in the top MLP too) against the same
+# baseline: what the default model costs over the reference DLRM's dots alone.
+step gpu_train_d16_dot_concat 90 python3 bench/gpu_train.py --device cuda --dim 16 --precision bf16 \
+  --no-row-cache --interaction dot_concat --json
 step gpu_train_d64 100 python3 bench/gpu_train.py --device cuda --dim 64 --no-row-cache \
   --train-batches 60 --steps 120 --json
 step gpu_train_d128 140 python3 bench/gpu_train.py --device cuda --dim 128 --no-row-cache \

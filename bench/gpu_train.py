@@ -40,7 +40,11 @@ CUDA defaults are the issue's Criteo-Kaggle shape (26 tables capped at 10M rows 
 13 dense, D=16, bottom 512-256-D, top 1024-1024-512-256-1, batch 65536, TF32)::
 
     python bench/gpu_train.py --device cuda --json [--dim 64|128] [--precision bf16]
-        [--embedding-dtype bf16] [--no-row-cache] [--profile]
+        [--embedding-dtype bf16] [--no-row-cache] [--profile] [--interaction dot_concat]
+
+headrace's DLRM reads the dots alone, as the baseline does, unless ``--interaction
+dot_concat`` (``[model]``'s default) adds the pooled embeddings to its top MLP's input: then
+``step_ratio`` / ``ratio`` measure what that costs against the same baseline.
 
 With ``--json`` the last stdout line is ``{"device", "baseline_samples_per_s",
 "samples_per_s", "ratio", "data_wait_fraction", "row_cache_samples_per_s",
@@ -77,7 +81,8 @@ from storage.batch_cache import BatchCache  # noqa: E402
 from storage.config import CacheConfig, CacheDurability  # noqa: E402
 from trainer.batch import Jagged  # noqa: E402
 from trainer.config import (  # noqa: E402
-    EmbeddingDtype, ModelConfig, Precision, RowCacheConfig, SparseOptimizerKind, TrainerConfig, TrainSpec,
+    EmbeddingDtype, Interaction, ModelConfig, Precision, RowCacheConfig, SparseOptimizerKind, TrainerConfig,
+    TrainSpec,
 )
 from trainer.embedding import TableSpec  # noqa: E402
 from trainer.fused_embedding import FusedEmbeddingBagCollection  # noqa: E402
@@ -234,13 +239,13 @@ def baseline_step(shape: BenchShape, device: torch.device, lr: float = LEARNING_
 
 def headrace_step(shape: BenchShape, device: torch.device, lr: float = LEARNING_RATE, *,
                   embedding_dtype: torch.dtype = torch.float32,
-                  precision: Precision = Precision.TF32):
+                  precision: Precision = Precision.TF32, interaction: Interaction = Interaction.DOT):
     """headrace's model and training step (the order of ``trainer.loop``) as a closure."""
     tables = [TableSpec(f"c{i}", r, shape.dim) for i, r in enumerate(shape.rows)]
     ebc = FusedEmbeddingBagCollection(tables, seed=0, optimizer=SparseOptimizerKind.ROWWISE_ADAGRAD,
                                       learning_rate=lr, embedding_dtype=embedding_dtype, device=device)
     model = DLRM(NUM_DENSE, ebc, embedding_dim=shape.dim, bottom_mlp=shape.bottom_mlp,
-                 top_mlp=shape.top_hidden, seed=0).to(device)
+                 top_mlp=shape.top_hidden, seed=0, interaction=interaction).to(device)
     opt = torch.optim.Adagrad(model.parameters(), lr=lr)  # the fused tables are not parameters
     bf16 = precision is Precision.BF16
 
@@ -281,7 +286,7 @@ def write_cache(cache_cfg: CacheConfig, shape: BenchShape, total_rows: int, cach
 
 def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, device: torch.device, *,
                precision: Precision, embedding_dtype: EmbeddingDtype,
-               row_cache: RowCacheConfig | None = None) -> TrainSpec:
+               row_cache: RowCacheConfig | None = None, interaction: Interaction = Interaction.DOT) -> TrainSpec:
     """The trainer's config for ``shape``: features ``d0..d12`` and ``c0..c25``, row-wise
     Adagrad on the tables and Adagrad on the MLPs at ``LEARNING_RATE`` (the baseline's dense
     rate), no periodic checkpoints, a metrics window of one batch (its AUC is cheap)."""
@@ -293,9 +298,11 @@ def train_spec(shape: BenchShape, cache_cfg: CacheConfig, checkpoint_dir: str, d
         embedding_dtype=embedding_dtype, checkpoint_dir=checkpoint_dir,
         checkpoint_every_batches=10**9, metrics_window=shape.batch_size, device=str(device),
         batch_ramp_samples=0)  # the baseline trains whole batches from the first step
-    # The baseline's model: no first-order part, no dense normaliser ([model] defaults add both).
+    # The baseline's model: no first-order part, no dense normaliser and by default the dots
+    # alone in the top MLP ([model] defaults add the first-order part, the normaliser and the
+    # pooled embeddings; --interaction dot_concat measures what the last one costs).
     return TrainSpec(schema=schema, trainer=trainer, row_cache=row_cache or RowCacheConfig(), cache=cache_cfg,
-                     model=ModelConfig(wide=False, normalize_dense=False))
+                     model=ModelConfig(wide=False, normalize_dense=False, interaction=interaction))
 
 
 def trainer_samples_per_s(cfg: TrainSpec, device: torch.device, *, warmup: int,
@@ -444,6 +451,8 @@ def _parse(argv) -> argparse.Namespace:
                     help="headrace's MLP arithmetic (the baseline always runs TF32 on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     ap.add_argument("--dir", default="", help="parent of the temporary cache/checkpoint/row-store dir")
+    ap.add_argument("--interaction", choices=[i.value for i in Interaction], default="dot",
+                    help="headrace's DLRM top MLP input (the baseline's is dot); dot_concat is [model]'s default")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of (a) on stderr")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -488,6 +497,7 @@ def main(argv=None) -> int:
     rc_per_segment = max(1, (args.row_cache_batches or (30 if cuda else 60)) // max(1, rc_segments))
     cache_rows = math.ceil(max(shape.rows) / args.cache_ratio)
     precision, emb_dtype = Precision(args.precision), EmbeddingDtype(args.embedding_dtype)
+    interaction = Interaction(args.interaction)
 
     t0 = time.perf_counter()
     host_batches = make_batches(shape, 8, id_skew=args.id_skew)
@@ -503,15 +513,15 @@ def main(argv=None) -> int:
         del host_batches
         runners = {"baseline": baseline_step(shape, device),
                    "step": headrace_step(shape, device, embedding_dtype=EMBEDDING_TORCH_DTYPES[emb_dtype],
-                                         precision=precision)}
+                                         precision=precision, interaction=interaction)}
         trainer = TrainerSegments(
             train_spec(shape, cache_cfg, os.path.join(parent, "ck-plain"), device,
-                       precision=precision, embedding_dtype=emb_dtype),
+                       precision=precision, embedding_dtype=emb_dtype, interaction=interaction),
             device, warmup=args.warmup, timed_batches=per_segment)
         rc_cfg = RowCacheConfig(enabled=True, path=os.path.join(parent, "rows"), cache_rows=cache_rows)
         row_cached = TrainerSegments(
             train_spec(shape, cache_cfg, os.path.join(parent, "ck-rows"), device, precision=precision,
-                       embedding_dtype=emb_dtype, row_cache=rc_cfg),
+                       embedding_dtype=emb_dtype, row_cache=rc_cfg, interaction=interaction),
             device, warmup=args.warmup, timed_batches=rc_per_segment)
         print(f"setup {time.perf_counter() - t0:.1f} s (cache {cache_bytes / 2**20:,.0f} MiB)", file=sys.stderr)
 
@@ -581,7 +591,8 @@ def main(argv=None) -> int:
             "tables": len(shape.rows), "total_rows": sum(shape.rows), "unique_rows_per_batch": unique,
             "bottom_mlp": shape.bottom_mlp, "top_mlp": shape.top_hidden + (1,),
             "threads": torch.get_num_threads(), "embedding_dtype": args.embedding_dtype,
-            "precision": args.precision, "id_skew": args.id_skew, "steps_per_block": steps,
+            "precision": args.precision, "id_skew": args.id_skew, "interaction": args.interaction,
+            "steps_per_block": steps,
             "blocks": rates,
         }).decode())
     return 0

@@ -64,10 +64,10 @@ from trainer.export import (
     plain_model,
     snapshot_from_checkpoint,
 )
-from trainer.model import model_fingerprint
+from trainer.model import PRE_INTERACTION, model_fingerprint
 
-__all__ = ["export_package", "package_config", "config_hash", "offsets_covered", "ExportThread",
-           "CONFIG_FILE", "DENSE_FILE", "MAPPINGS_FILE"]
+__all__ = ["export_package", "package_config", "package_config_defaults", "config_hash", "offsets_covered",
+           "ExportThread", "CONFIG_FILE", "DENSE_FILE", "MAPPINGS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,15 @@ def package_config(cfg: HeadraceConfig) -> dict[str, Any]:
            for f in dataclasses.fields(cfg) if f.name not in _HOST_SECTIONS}
     doc["source"] = {"max_message_bytes": cfg.source.max_message_bytes,
                      "max_batch_records": cfg.source.max_batch_records}
+    return doc
+
+
+def package_config_defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    """A package's stored config with the keys its version predates filled in as what they
+    meant then: ``[model] interaction`` was "dot" before it existed (trainer.model)."""
+    model = doc.get("model")
+    if isinstance(model, dict) and model.get("kind", "dlrm") == "dlrm" and "interaction" not in model:
+        return {**doc, "model": {**model, "interaction": PRE_INTERACTION}}
     return doc
 
 

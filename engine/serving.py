@@ -41,7 +41,7 @@ import pyarrow as pa
 import torch
 
 from engine.config import HeadraceConfig, config_from_dict
-from engine.export import CONFIG_FILE, DENSE_FILE, MAPPINGS_FILE, config_hash
+from engine.export import CONFIG_FILE, DENSE_FILE, MAPPINGS_FILE, config_hash, package_config_defaults
 from storage.errors import ModelPackageError
 from storage.model_package import ChainLink, PackageKind, newest_file, package_chain, read_manifest, resolve_tables
 from streams.records import CSV_HEADER_KEY, RAW_SCHEMA, SourceBatch
@@ -87,7 +87,7 @@ class _State:
             doc = json.loads(fh.read())
         if config_hash(doc) != top.manifest["config_hash"]:
             raise ModelPackageError(f"package {top.path}: {CONFIG_FILE} does not match its manifest's config hash")
-        cfg = config_from_dict(doc, file=os.path.join(top.path, CONFIG_FILE))
+        cfg = config_from_dict(package_config_defaults(doc), file=os.path.join(top.path, CONFIG_FILE))
         if any(MAPPINGS_FILE in link.manifest["files"] for link in chain) or mappings is None:
             with open(newest_file(chain, MAPPINGS_FILE), "rb") as fh:
                 mappings = MappingSet.from_bytes(fh.read(), where=top.path)

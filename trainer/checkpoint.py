@@ -46,7 +46,7 @@ from trainer.data import Cursor
 from trainer.embedding import capabilities_of, collections_of
 from trainer.errors import CheckpointError
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import PRE_MODEL_KIND_SHAPE, model_shape
+from trainer.model import model_shape, saved_shape_defaults
 
 __all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION",
            "latest_checkpoint", "latest_sharded_checkpoint"]
@@ -290,17 +290,23 @@ def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape
                       optimizer_kind: str) -> None:
     # A shape recorded before [model] existed is a DLRM without the first-order part.
     legacy = "kind" not in saved_shape
-    saved_shape = {**PRE_MODEL_KIND_SHAPE, **saved_shape}
+    saved_shape = saved_shape_defaults(saved_shape)
     if saved_shape != shape:
         keys = list(shape) + [k for k in saved_shape if k not in shape]
         diffs = [
             f"{k}: checkpoint {saved_shape.get(k)!r} vs config {shape.get(k)!r}"
             for k in keys if saved_shape.get(k) != shape.get(k)
         ]
-        hint = ("; it was written before [model] existed, by a DLRM without the first-order part: "
-                "resume it with [model] kind = \"dlrm\" and wide = false, or point "
-                "trainer.checkpoint_dir at a new directory" if legacy else
-                "; restore the old config or point trainer.checkpoint_dir at a new directory")
+        if legacy:
+            hint = ("; it was written before [model] existed, by a DLRM without the first-order part: "
+                    "resume it with [model] kind = \"dlrm\", wide = false and interaction = \"dot\", "
+                    "or point trainer.checkpoint_dir at a new directory")
+        elif saved_shape.get("interaction") == "dot" and shape.get("interaction") == "dot_concat":
+            hint = ("; DLRM checkpoints from before [model] interaction existed are \"dot\" (the default "
+                    "is now \"dot_concat\"): resume it with [model] interaction = \"dot\", or point "
+                    "trainer.checkpoint_dir at a new directory")
+        else:
+            hint = "; restore the old config or point trainer.checkpoint_dir at a new directory"
         raise CheckpointError(
             f"checkpoint {path} was trained with a differently shaped model ("
             + "; ".join(diffs) + ")" + hint

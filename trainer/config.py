@@ -49,7 +49,7 @@ __all__ = [
     "OptimizerKind", "SparseOptimizerKind", "Accumulator", "Precision", "EmbeddingDtype", "TrainerConfig",
     "ShardingConfig", "ShardingType", "DeviceKind", "CommPrecision",
     "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind",
-    "ModelKind", "CrossStructure", "ModelConfig",
+    "ModelKind", "CrossStructure", "Interaction", "ModelConfig",
 ]
 
 
@@ -236,6 +236,13 @@ class CrossStructure(enum.Enum):
     PARALLEL = "parallel"  # [cross(x0), deep(x0)] -> logit
 
 
+class Interaction(enum.Enum):
+    """What DLRM's top MLP reads beside the dense vector ([model] interaction; trainer.model.DLRM)."""
+
+    DOT = "dot"  # the pairwise dot products: the reference DLRM
+    DOT_CONCAT = "dot_concat"  # the dot products and the pooled embeddings themselves
+
+
 # Default first-order learning rates (per-lookup accumulator), measured with
 # bench/quality.py on both of its streams (README "Tuning").
 LINEAR_FIRST_ORDER_LR = 0.12
@@ -271,6 +278,10 @@ class ModelConfig:
     # Row-wise Adagrad accumulator of the first-order rows (Accumulator; replaces [trainer]
     # sparse_accumulator for them): "per_lookup" tracks online logistic regression's step sizes.
     first_order_accumulator: Accumulator = Accumulator.PER_LOOKUP
+    # dlrm: what the top MLP reads beside the dense vector (Interaction). "dot_concat" adds the
+    # pooled embeddings to the pairwise dots: a path linear in the embeddings, which learns
+    # faster early in a stream than the dots alone (measured in README "Tuning").
+    interaction: Interaction = Interaction.DOT_CONCAT
     cross_layers: int = 3  # dcn_v2: cross layers
     cross_rank: int = 0  # dcn_v2: 0 = full-rank W; r > 0 = low-rank U V^T with inner size r
     cross_structure: CrossStructure = CrossStructure.STACKED

@@ -1,11 +1,17 @@
 """DLRM: bottom MLP over dense features, pooled embeddings, pairwise dot interaction, top MLP;
 the model kinds (``build_model``) and the factories and shape records every kind shares.
 
-The model is ``logit = top([d, triu(T T^T)])`` where ``d = bottom(dense)`` is ``[B, D]``,
-``T = [d, e_1 .. e_F]`` stacks the dense vector and the F pooled embeddings (``[B, F+1, D]``)
-and ``triu`` keeps the strictly upper triangle (i < j, no diagonal), so the top MLP sees
-``D + (F+1)F/2`` inputs. Without dense features the dense vector is left out of ``T`` and of
-the concatenation; without sparse features the interaction is empty and ``top(d)`` remains.
+The model is ``logit = top([d, triu(T T^T), e_1 .. e_F])`` where ``d = bottom(dense)`` is
+``[B, D]``, ``T = [d, e_1 .. e_F]`` stacks the dense vector and the F pooled embeddings
+(``[B, F+1, D]``) and ``triu`` keeps the strictly upper triangle (i < j, no diagonal), so the
+top MLP sees ``D + (F+1)F/2 + F D`` inputs. The pooled embeddings themselves are part of the
+input with ``[model] interaction = "dot_concat"`` (the default); ``"dot"`` leaves them out,
+as the reference DLRM does (``D + (F+1)F/2`` inputs). The dots are bilinear in the rows, so
+their gradient to a row is the other (small, freshly initialised) rows: through the dots
+alone the embeddings learn slowly early in a stream, and the concatenated path, linear in
+them, is what a fresh model learns from first (README "Tuning"). Without dense features the
+dense vector is left out of ``T`` and of the concatenation; without sparse features the
+interaction is empty and ``top(d)`` remains.
 With ``[model] wide = true`` (the default) the first-order part
 (``trainer.first_order.FirstOrder``) is added to that logit.
 
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 
 from trainer.batch import Jagged
-from trainer.config import EmbeddingDtype, ModelKind, TrainSpec
+from trainer.config import EmbeddingDtype, Interaction, ModelKind, TrainSpec
 from trainer.embedding import TableSpec, table_specs
 from trainer.errors import TrainerError
 from trainer.first_order import FirstOrder, first_order_tables
@@ -48,6 +54,7 @@ from trainer.sparse_optim import SparseOptimizerSpec
 __all__ = [
     "DLRM", "build_mlp", "build_model", "tables_from_config", "fused_embeddings_from_config",
     "model_shape", "model_fingerprint", "EMBEDDING_TORCH_DTYPES", "PRE_MODEL_KIND_SHAPE",
+    "saved_shape_defaults",
 ]
 
 #: ``[trainer] embedding_dtype`` -> the torch dtype of the rows.
@@ -57,6 +64,17 @@ EMBEDDING_TORCH_DTYPES = {
 
 #: What a ``model_shape`` recorded before [model] existed meant: a DLRM without first-order part.
 PRE_MODEL_KIND_SHAPE = {"kind": ModelKind.DLRM.value, "wide": False, "normalize_dense": False}
+#: What a DLRM's ``model_shape`` recorded before [model] interaction existed meant.
+PRE_INTERACTION = Interaction.DOT.value
+
+
+def saved_shape_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A ``model_shape`` read from a checkpoint with the keys it predates filled in as what
+    they meant then (``PRE_MODEL_KIND_SHAPE``, ``PRE_INTERACTION``)."""
+    shape = {**PRE_MODEL_KIND_SHAPE, **saved}
+    if shape["kind"] == ModelKind.DLRM.value and "embedding_dim" in shape:
+        shape.setdefault("interaction", PRE_INTERACTION)
+    return shape
 
 
 def tables_from_config(cfg: TrainSpec) -> list[TableSpec]:
@@ -95,6 +113,8 @@ def model_shape(cfg: TrainSpec) -> dict[str, Any]:
         "bottom_mlp": list(t.bottom_mlp),
         "top_mlp": list(t.top_mlp),
     })
+    if m.kind is ModelKind.DLRM:
+        shape["interaction"] = m.interaction.value
     if m.kind is ModelKind.DCN_V2:
         shape.update({"cross_layers": m.cross_layers, "cross_rank": m.cross_rank,
                       "cross_structure": m.cross_structure.value})
@@ -135,12 +155,14 @@ class DLRM(CTRModel):
     Initialisation is deterministic: the bottom then top MLP are drawn from a generator seeded
     with ``seed``; the default embedding collection seeds its rows with ``seed`` too.
     ``first_order``: the first-order part added to the logit (None: none);
-    ``normalize_dense``: standardise the dense features online (``trainer.dense_norm``).
+    ``normalize_dense``: standardise the dense features online (``trainer.dense_norm``);
+    ``interaction``: whether the top MLP also reads the pooled embeddings (module docstring).
     """
 
     def __init__(self, num_dense: int, embeddings: nn.Module | None, *, embedding_dim: int,
                  bottom_mlp: tuple[int, ...] = (), top_mlp: tuple[int, ...] = (), seed: int = 0,
-                 first_order: FirstOrder | None = None, normalize_dense: bool = False):
+                 first_order: FirstOrder | None = None, normalize_dense: bool = False,
+                 interaction: Interaction = Interaction.DOT_CONCAT):
         if num_dense == 0 and embeddings is None:
             raise TrainerError("DLRM needs dense features, sparse features or both")
         if embeddings is not None:
@@ -174,7 +196,9 @@ class DLRM(CTRModel):
             num_pairs = vectors * (vectors - 1) // 2
         else:
             num_pairs = 0
-        top_in = dense_out + num_pairs
+        # With one vector there is no pair: the pooled vector itself is the input (below).
+        self.concat = Interaction(interaction) is Interaction.DOT_CONCAT and num_sparse and vectors >= 2
+        top_in = dense_out + num_pairs + (num_sparse * embedding_dim if self.concat else 0)
         if top_in == 0:
             # One sparse feature and no dense: no pair exists; feed the pooled vector itself.
             top_in = embedding_dim
@@ -194,7 +218,7 @@ class DLRM(CTRModel):
         t = cfg.trainer
         return cls(len(cfg.schema.dense), embeddings, embedding_dim=t.embedding_dim,
                    bottom_mlp=t.bottom_mlp, top_mlp=t.top_mlp, seed=t.seed, first_order=part,
-                   normalize_dense=cfg.model.normalize_dense)
+                   normalize_dense=cfg.model.normalize_dense, interaction=cfg.model.interaction)
 
     def interact(self, dense_vec: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         """The top MLP's input: ``[d, triu(T T^T)]`` (see the module docstring)."""
@@ -204,8 +228,12 @@ class DLRM(CTRModel):
         if t.shape[1] < 2:
             return t[:, 0, :]
         z = torch.bmm(t, t.transpose(1, 2))
-        pairs = z.flatten(1).index_select(1, self._triu_flat)
-        return pairs if dense_vec is None else torch.cat([dense_vec, pairs], dim=1)
+        parts = [z.flatten(1).index_select(1, self._triu_flat)]
+        if dense_vec is not None:
+            parts.insert(0, dense_vec)
+        if self.concat:
+            parts.append(pooled.flatten(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def deep_logit(self, dense: torch.Tensor, sparse: dict[str, Jagged]) -> torch.Tensor:
         dense_vec = self.bottom(dense) if self.num_dense else None

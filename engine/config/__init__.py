@@ -33,6 +33,7 @@ from trainer.config import (
     CommPrecision,
     CrossStructure,
     DeviceKind,
+    Interaction,
     ModelConfig,
     ModelKind,
     OptimizerKind,
@@ -62,7 +63,7 @@ __all__ = [
     "FilterConfig", "PipelineConfig", "RunnerKind", "CacheConfig", "CacheDurability", "TrainerConfig",
     "OptimizerKind", "HashConfig", "FitKind", "ShardingConfig", "ShardingType", "DeviceKind",
     "CommPrecision", "RowCacheConfig", "RowCachePolicy", "RowOptimizerKind", "MetricsConfig",
-    "ModelConfig", "ModelKind", "CrossStructure", "ExportConfig",
+    "ModelConfig", "ModelKind", "CrossStructure", "Interaction", "ExportConfig",
 ]
 
 

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine.export import export_package
+from engine.config import Interaction
+from engine.export import config_hash, export_package
 from engine.fit_hash import fit_from_cache, migration_hook
 from engine.serving import load_model
 from storage.batch_cache import BatchCache
@@ -172,3 +173,23 @@ def test_half_precision_tables(lineage, tmp_path):
     got = model.predict(PROBE)
     assert np.abs(got - ref2).max() < 0.02 and not np.array_equal(got, ref2)
     assert model.serving_model.model.embeddings.weights.dtype == torch.bfloat16
+
+
+def test_a_package_from_before_the_interaction_option_serves_as_dot(tmp_path):
+    """Packages written before [model] interaction store no such key: their DLRM's top MLP
+    read the dots alone, and they load as "dot" (the default is now "dot_concat")."""
+    cfg = export_config(tmp_path, model={"interaction": "dot"})
+    ingest(cfg, 0, 512)
+    train(cfg)
+    pkg = export_package(cfg, str(tmp_path / "old"))["package"]
+    config_path, manifest_path = tmp_path / "old" / "config.json", tmp_path / "old" / "manifest.json"
+    doc = json.loads(config_path.read_text())
+    del doc["model"]["interaction"]
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config_hash"] = config_hash(doc)
+    for path, body in ((config_path, doc), (manifest_path, manifest)):
+        path.chmod(0o644)
+        path.write_text(json.dumps(body))
+    model = load_model(pkg)
+    assert model.config.model.interaction is Interaction.DOT
+    np.testing.assert_allclose(model.predict(PROBE), trainer_predictions(cfg, PROBE), rtol=0, atol=TOL)

@@ -16,8 +16,11 @@ The reference is one plain process (``ContinuousTrainer``, fused tables, the sam
   state, gathered from the ranks, and the dense parameters equal the reference's within
   ``TOL`` (the ranks only reorder fp32 sums); at the end too, with the metrics.
 * Migration keeps what the model predicts: the boundary batch's events scored just before
-  the migration (old mapping) and just after (new mapping) differ in logloss by at most
-  ``LOGLOSS_SHIFT``.
+  the migration (old mapping) and just after (new mapping) move, on average, at most
+  ``KEEP`` times as far as when the new mapping reads the unmigrated tables. (An absolute
+  bound would measure how much the model leans on its embeddings, not the migration: with
+  the pooled embeddings in DLRM's top MLP, ``interaction = "dot_concat"``, predictions move
+  ~2.4x as far both ways as with the dots alone.)
 * A job stopped right after each boundary batch (its checkpoint) and resumed ends where the
   uninterrupted job ends: bitwise on 2 ranks, within ``TOL`` on 4 (see that test).
 """
@@ -46,7 +49,7 @@ VERSIONS = (1, 2, 3)
 TRAINED = len(VERSIONS) * PER_VERSION  # the cache holds one more (the ranks' read-ahead)
 ROWS, DIM = 64, 4
 TOL = 1e-5
-LOGLOSS_SHIFT = 0.03
+KEEP = 0.5  # measured: 0.40 and 0.31 at the two boundaries (0.41 and 0.27 with "dot")
 # a job stopped after the first batch of version 2, then after that of version 3, then to the end
 SEGMENTS = (PER_VERSION + 1, PER_VERSION, None)
 FORCED = {"c1": "table_row_wise", "c2": "row_wise"}  # c3: CACHED (the row cache holds it)
@@ -122,14 +125,21 @@ def boundary_batch(cfg, version: int, mapped_by: int):
 
 
 @torch.no_grad()
-def logloss(model, batch) -> float:
-    """The whole batch's logloss under ``model`` in eval mode (collective for a sharded
-    model: every rank scores the whole batch)."""
+def scores(model, batch) -> tuple[torch.Tensor, float]:
+    """The whole batch's click probabilities and logloss under ``model`` in eval mode
+    (collective for a sharded model: every rank scores the whole batch)."""
     model.eval()
     try:
-        return float(bce(model(batch.dense, batch.sparse).float(), batch.labels))
+        logits = model(batch.dense, batch.sparse).float()
+        return torch.sigmoid(logits), float(bce(logits, batch.labels))
     finally:
         model.train()
+
+
+def assert_migration_keeps_predictions(b: dict, what) -> None:
+    moved = (b["p_after"] - b["p_before"]).abs().mean().item()
+    unmigrated = (b["p_unmigrated"] - b["p_before"]).abs().mean().item()
+    assert moved <= KEEP * unmigrated, (what, moved, unmigrated)
 
 
 def snapshot(model, cfg) -> dict[str, torch.Tensor]:
@@ -166,12 +176,14 @@ class BoundaryRecorder:
         self.cfg, self.migrate, self.records = cfg, migration_hook(cfg), []
 
     def __call__(self, old: int, new: int, model, optimizer) -> None:
-        before = logloss(model, boundary_batch(self.cfg, new, mapped_by=old))
+        p_before, before = scores(model, boundary_batch(self.cfg, new, mapped_by=old))
+        p_unmigrated, _ = scores(model, boundary_batch(self.cfg, new, mapped_by=new))
         unmigrated = snapshot(model, self.cfg)
         self.migrate(old, new, model, optimizer)
         state = snapshot(model, self.cfg)
-        self.records.append({"from": old, "to": new, "logloss_before": before,
-                             "logloss_after": logloss(model, boundary_batch(self.cfg, new, mapped_by=new)),
+        p_after, after = scores(model, boundary_batch(self.cfg, new, mapped_by=new))
+        self.records.append({"from": old, "to": new, "logloss_before": before, "logloss_after": after,
+                             "p_before": p_before, "p_unmigrated": p_unmigrated, "p_after": p_after,
                              "state": state, "moved": {k: (state[k] - unmigrated[k]).abs().max().item()
                                                        for k in state if "/" in k}})
 
@@ -249,7 +261,7 @@ def test_plain_reference_migrates_twice_and_keeps_its_predictions(runs):
     assert [(m["from"], m["to"]) for m in plain["migrations"]] == [(1, 2), (2, 3)]
     assert all(sorted(m["features"]) == ["c1", "c2", "c3"] for m in plain["migrations"])
     for b in plain["boundaries"]:
-        assert abs(b["logloss_after"] - b["logloss_before"]) <= LOGLOSS_SHIFT, b
+        assert_migration_keeps_predictions(b, (b["from"], b["to"]))
         assert all(b["moved"][k] > 1e-3 for k in b["moved"] if k.count("/") == 1), b["moved"]
 
 
@@ -269,7 +281,7 @@ def test_ranks_migrate_at_each_boundary_like_one_process(runs, world):
         assert_close(got["state"], want["state"], what)
         # every table moved (sharded ones too): the check is not between unchanged tables
         assert all(got["moved"][k] > 1e-3 for k in got["moved"] if k.count("/") == 1), got["moved"]
-        assert abs(got["logloss_after"] - got["logloss_before"]) <= LOGLOSS_SHIFT, what
+        assert_migration_keeps_predictions(got, what)
         assert got["logloss_before"] == pytest.approx(want["logloss_before"], abs=TOL), what
         assert got["logloss_after"] == pytest.approx(want["logloss_after"], abs=TOL), what
     assert_close(whole["final"], plain["final"], f"{world} ranks at the end")

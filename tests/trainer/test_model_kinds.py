@@ -265,16 +265,33 @@ def test_clipping_bounds_the_dense_gradient_norm_and_runs_in_the_loop(cached):
 def test_a_checkpoint_from_before_model_kinds_loads_without_the_first_order_part(cached):
     """Checkpoints written before [model] record no kind: they are DLRMs without the
     first-order part, which resume with wide = false, and fail clearly otherwise."""
-    legacy_model = {"kind": "dlrm", "wide": False, "normalize_dense": False}
+    legacy_model = {"kind": "dlrm", "wide": False, "normalize_dense": False, "interaction": "dot"}
     cfg = make_cfg(cached, "legacy", model=legacy_model)
     ContinuousTrainer(cfg, max_batches=2).run()
     path = next((cached / "legacy-ckpt").glob("ckpt-*.pt"))
     blob = torch.load(path, weights_only=True)
-    for key in ("kind", "wide", "normalize_dense"):
+    for key in ("kind", "wide", "normalize_dense", "interaction"):
         del blob["model_shape"][key]
     torch.save(blob, path)
-    with pytest.raises(CheckpointError, match=r"before \[model\] existed.*wide = false"):
+    with pytest.raises(CheckpointError, match=r"before \[model\] existed.*wide = false and interaction = \"dot\""):
         ContinuousTrainer(make_cfg(cached, "legacy")).run()
+    assert ContinuousTrainer(cfg, max_batches=1).run()["resumed_from"] == str(path)
+
+
+def test_a_dlrm_checkpoint_from_before_the_interaction_option_resumes_as_dot(cached):
+    """DLRM checkpoints written before [model] interaction record none: their top MLP read the
+    dots alone, so they resume with interaction = "dot" and fail under the new default
+    ("dot_concat") with an error that says which key to set."""
+    dot = {"kind": "dlrm", "interaction": "dot"}
+    cfg = make_cfg(cached, "pre-interaction", model=dot)
+    ContinuousTrainer(cfg, max_batches=2).run()
+    path = next((cached / "pre-interaction-ckpt").glob("ckpt-*.pt"))
+    blob = torch.load(path, weights_only=True)
+    del blob["model_shape"]["interaction"]
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=r"interaction: checkpoint 'dot' vs config 'dot_concat'.*"
+                                              r"resume it with \[model\] interaction = \"dot\""):
+        ContinuousTrainer(make_cfg(cached, "pre-interaction", model={"kind": "dlrm"})).run()
     assert ContinuousTrainer(cfg, max_batches=1).run()["resumed_from"] == str(path)
 
 

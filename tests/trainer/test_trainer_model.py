@@ -10,8 +10,9 @@ from trainer.embedding import EmbeddingBagCollection, TableSpec
 from trainer.model import DLRM, model_fingerprint
 
 
-def _cfg(dense=2, sparse=(("u", 10, False), ("v", 7, True)), seed=0, **trainer):
+def _cfg(dense=2, sparse=(("u", 10, False), ("v", 7, True)), seed=0, interaction="dot_concat", **trainer):
     return config_from_dict({
+        "model": {"interaction": interaction},
         "schema": {
             "dense": [{"name": f"d{i}"} for i in range(dense)],
             "sparse": [{"name": n, "rows": r, "multi": m} for n, r, m in sparse],
@@ -31,18 +32,21 @@ def _sparse(b, names_rows, gen):
     return out
 
 
-def test_forward_shape_and_top_input_width():
-    cfg = _cfg()
-    model = DLRM.from_config(cfg)
+@pytest.mark.parametrize("interaction,top_in", [
+    ("dot", 4 + 3),  # dense vector (4) + pairs among 3 vectors (3)
+    ("dot_concat", 4 + 3 + 2 * 4),  # ... + the 2 pooled embeddings of dim 4
+])
+def test_forward_shape_and_top_input_width(interaction, top_in):
+    model = DLRM.from_config(_cfg(interaction=interaction))
     g = torch.Generator().manual_seed(1)
     out = model(torch.randn(5, 2, generator=g), _sparse(5, [("u", 10), ("v", 7)], g))
     assert out.shape == (5,)
-    # dense vector (4) + pairs among 3 vectors (3)
-    assert model.top[0].in_features == 4 + 3
+    assert model.top[0].in_features == top_in
 
 
-def test_interaction_matches_brute_force():
-    model = DLRM.from_config(_cfg())
+@pytest.mark.parametrize("interaction", ["dot", "dot_concat"])
+def test_interaction_matches_brute_force(interaction):
+    model = DLRM.from_config(_cfg(interaction=interaction))
     g = torch.Generator().manual_seed(2)
     d = torch.randn(3, 4, generator=g)
     e = torch.randn(3, 2, 4, generator=g)
@@ -52,7 +56,8 @@ def test_interaction_matches_brute_force():
     for i in range(3):
         for j in range(i + 1, 3):
             pairs.append((vecs[i] * vecs[j]).sum(1, keepdim=True))
-    expected = torch.cat([d] + pairs, dim=1)
+    pooled = [e[:, 0], e[:, 1]] if interaction == "dot_concat" else []
+    expected = torch.cat([d] + pairs + pooled, dim=1)
     torch.testing.assert_close(z, expected)
 
 
@@ -66,7 +71,7 @@ def test_init_is_deterministic_per_seed():
 
 
 @pytest.mark.parametrize("dense,sparse,top_in", [
-    (0, (("u", 10, False), ("v", 7, False)), 1),  # two pooled vectors -> one pair
+    (0, (("u", 10, False), ("v", 7, False)), 1 + 2 * 4),  # two pooled vectors -> one pair + both vectors
     (0, (("u", 10, False),), 4),  # a single pooled vector feeds the top MLP directly
     (3, (), 4),  # dense only: bottom output
 ])
@@ -115,3 +120,4 @@ def test_empty_bottom_needs_dense_count_equal_dim():
 def test_fingerprint_tracks_shape_fields_only():
     assert model_fingerprint(_cfg()) == model_fingerprint(_cfg(learning_rate=0.5))
     assert model_fingerprint(_cfg()) != model_fingerprint(_cfg(top_mlp=[7]))
+    assert model_fingerprint(_cfg()) != model_fingerprint(_cfg(interaction="dot"))
