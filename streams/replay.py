@@ -40,7 +40,7 @@ from streams.config import SourceConfig
 from streams.errors import SourceConfigError, SourceError
 from streams.kafka_client import watermark_offsets
 from streams.kafka_source import ReadKafkaBatches
-from streams.logfiles import LogFormat, iter_lines, iter_records, log_format
+from streams.logfiles import LogFormat, iter_line_blocks, iter_lines, iter_records, log_format
 from streams.offsets import exact_offsets_for_times, log_end_offsets
 from streams.records import CSV_HEADER_KEY, RAW_SCHEMA, SourceBatch
 
@@ -68,8 +68,9 @@ def read_log_file(path: str, start_line: int, max_batch_records: int, *,
                   csv_header: bool = True) -> Iterator[SourceBatch]:
     """Batches of one log file from line ``start_line`` on (pure I/O, no Beam).
 
-    Records come from ``logfiles.iter_records``; a record's offset is its first line, and
-    consecutive batches tile the lines (a batch ends after its last record's lines). With
+    Records come from ``logfiles.iter_records`` (``.csv``) or, one per line, in bulk from
+    ``logfiles.iter_line_blocks``; a record's offset is its first line, and consecutive
+    batches tile the lines (a batch ends after its last record's lines). With
     ``csv_header`` a ``.csv`` file's first record is its header: it is in no batch (the
     first batch still covers its lines, like a compacted-away offset, so it is never read
     nor counted) and every batch of the file carries it in its schema metadata
@@ -81,6 +82,15 @@ def read_log_file(path: str, start_line: int, max_batch_records: int, *,
     if max_batch_records < 1:
         raise ValueError(f"max_batch_records must be >= 1, got {max_batch_records}")
     topic = file_topic(path)
+    if log_format(path) is not LogFormat.CSV:  # one record per line: read lines in bulk
+        end = start_line
+        for first, values in iter_line_blocks(path, max_lines=max_batch_records, skip_lines=start_line):
+            end = first + len(values)
+            lines = pa.array(np.arange(first, end, dtype=np.int64))
+            yield _file_batch(topic, first, end, start_line, lines, values, RAW_SCHEMA)
+        if end == start_line and start_line > 0:
+            _check_not_truncated(path, start_line)
+        return
     schema = RAW_SCHEMA
     records = iter_records(path, skip_lines=start_line)
     try:
@@ -100,10 +110,11 @@ def read_log_file(path: str, start_line: int, max_batch_records: int, *,
             values.append(value)
             lines.append(number)
             if len(values) == max_batch_records:
-                yield _file_batch(topic, offset, next_line, start_line, lines, values, schema)
+                yield _file_batch(topic, offset, next_line, start_line, _int64s(lines), pa.array(values, pa.binary()),
+                                  schema)
                 offset, values, lines = next_line, [], []
         if values:
-            yield _file_batch(topic, offset, next_line, start_line, lines, values, schema)
+            yield _file_batch(topic, offset, next_line, start_line, _int64s(lines), pa.array(values, pa.binary()), schema)
             offset = next_line
     finally:
         records.close()
@@ -121,14 +132,16 @@ def _check_not_truncated(path: str, start_line: int) -> None:
         )
 
 
-def _file_batch(topic: str, start: int, end: int, partition_start: int, lines: list[int], values: list[bytes],
+def _int64s(values: list[int]) -> pa.Array:
+    return pa.array(np.asarray(values, dtype=np.int64))
+
+
+def _file_batch(topic: str, start: int, end: int, partition_start: int, lines: pa.Array, values: pa.Array,
                 schema: pa.Schema) -> SourceBatch:
-    n = len(values)
+    """The batch of lines ``[start, end)`` of a file: each record's (first) line number as
+    its offset, no timestamp (-1) and its bytes."""
     records = pa.RecordBatch.from_arrays(
-        [pa.array(np.asarray(lines, dtype=np.int64)), pa.array(np.full(n, -1, dtype=np.int64)),
-         pa.array(values, pa.binary())],
-        schema=schema,
-    )
+        [lines, pa.array(np.full(len(values), -1, dtype=np.int64)), values], schema=schema)
     return SourceBatch(topic, 0, start, end, partition_start, records)
 
 

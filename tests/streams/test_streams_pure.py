@@ -4,13 +4,15 @@ time-window filtering."""
 from __future__ import annotations
 
 import gzip
+import random
 
 import numpy as np
 import pytest
 
 from engine.errors import SourceError
+from streams import logfiles
 from streams.kafka_client import build_records
-from streams.logfiles import LogFormat, iter_lines, log_format
+from streams.logfiles import LogFormat, iter_line_blocks, iter_lines, log_format
 from streams.producer import TokenBucket, key_partition, line_key
 from streams.records import SourceBatch
 from streams.replay import file_topic, filter_time_window, read_log_file
@@ -68,6 +70,34 @@ def test_iter_lines_counts_blank_lines_and_strips_terminators(tmp_path, name):
     assert list(iter_lines(path, skip_lines=9)) == []
 
 
+@pytest.mark.parametrize("name", ["e.jsonl", "e.tsv.gz"])
+def test_line_blocks_are_the_lines_in_order_across_read_boundaries(tmp_path, name):
+    """The bulk reader yields exactly ``iter_lines``' lines (blank lines, ``\\r\\n``, a
+    lone ``\\r`` kept, a final line without terminator), in blocks of ``max_lines`` that
+    tile the lines from ``skip_lines``, whatever the read size."""
+    rng = random.Random(3)
+    for trial in range(40):
+        lines = [bytes(rng.choice(b'ab\r"{}') for _ in range(rng.randint(0, 9))) for _ in range(rng.randint(0, 30))]
+        data = b"".join(line + rng.choice([b"\n", b"\r\n"]) for line in lines)
+        if lines and trial % 2:  # no terminator after the last line
+            data = data[:len(data) - (2 if data.endswith(b"\r\n") else 1)]
+        path = _write(tmp_path / f"{trial}-{name}", data)
+        want = list(iter_lines(path))
+        for skip in (0, 2, len(want), len(want) + 1):
+            for max_lines, read_bytes in ((1, 1), (4, 5), (7, 64), (100, 1 << 20)):
+                blocks = list(iter_line_blocks(path, max_lines=max_lines, skip_lines=skip, read_bytes=read_bytes))
+                assert [v for _, block in blocks for v in block.to_pylist()] == want[skip:]
+                assert [first for first, _ in blocks] == list(range(skip, len(want), max_lines))
+                assert all(len(block) == max_lines for _, block in blocks[:-1])
+
+
+def test_line_blocks_refuse_a_line_longer_than_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(logfiles, "MAX_LINE_BYTES", 10)
+    path = _write(tmp_path / "long.jsonl", b"short\n" + b"x" * 40 + b"\n")
+    with pytest.raises(SourceError, match="line 1 is longer than 10 bytes"):
+        list(iter_line_blocks(path, max_lines=8, read_bytes=4))
+
+
 def test_log_format_rejects_unknown_extension(tmp_path):
     assert log_format("x.TSV.GZ") is LogFormat.TSV
     with pytest.raises(SourceError, match="unknown extension"):
@@ -79,6 +109,8 @@ def test_corrupt_gzip_is_a_source_error_naming_the_file(tmp_path):
     path.write_bytes(b"\x1f\x8b\x08\x00garbage-garbage-garbage")
     with pytest.raises(SourceError, match="bad.jsonl.gz"):
         list(iter_lines(str(path)))
+    with pytest.raises(SourceError, match="bad.jsonl.gz"):
+        list(iter_line_blocks(str(path), max_lines=4))
 
 
 def test_read_log_file_tiles_offsets_and_resumes(tmp_path):
