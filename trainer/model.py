@@ -228,11 +228,12 @@ class DLRM(CTRModel):
         if t.shape[1] < 2:
             return t[:, 0, :]
         z = torch.bmm(t, t.transpose(1, 2))
-        parts = [z.flatten(1).index_select(1, self._triu_flat)]
-        if dense_vec is not None:
-            parts.insert(0, dense_vec)
+        pairs = z.flatten(1).index_select(1, self._triu_flat)
+        parts = [pairs] if dense_vec is None else [dense_vec, pairs]
         if self.concat:
-            parts.append(pooled.flatten(1))
+            # In the pairs' dtype (bf16 under autocast, as the top MLP reads them anyway): an
+            # fp32 block would make the whole concatenation fp32, twice the bytes.
+            parts.append(pooled.flatten(1).to(pairs.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def deep_logit(self, dense: torch.Tensor, sparse: dict[str, Jagged]) -> torch.Tensor:
