@@ -61,6 +61,19 @@ def test_interaction_matches_brute_force(interaction):
     torch.testing.assert_close(z, expected)
 
 
+def test_concatenated_embeddings_take_the_pairs_dtype_under_autocast():
+    """Under bf16 autocast the fp32 pooled rows join the bf16 dots as bf16 (the top MLP reads
+    bf16 anyway): an fp32 block would make the whole [B, inputs] concatenation fp32."""
+    model = DLRM.from_config(_cfg())
+    g = torch.Generator().manual_seed(8)
+    dense, sparse = torch.randn(6, 2, generator=g), _sparse(6, [("u", 10), ("v", 7)], g)
+    pooled = model.embeddings(sparse)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.interact(model.bottom(dense), pooled)
+    assert z.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), model.interact(model.bottom(dense), pooled), atol=0.05, rtol=0.02)
+
+
 def test_init_is_deterministic_per_seed():
     a = DLRM.from_config(_cfg(seed=3)).state_dict()
     b = DLRM.from_config(_cfg(seed=3)).state_dict()
