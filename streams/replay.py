@@ -82,44 +82,52 @@ def read_log_file(path: str, start_line: int, max_batch_records: int, *,
     if max_batch_records < 1:
         raise ValueError(f"max_batch_records must be >= 1, got {max_batch_records}")
     topic = file_topic(path)
-    if log_format(path) is not LogFormat.CSV:  # one record per line: read lines in bulk
-        end = start_line
-        for first, values in iter_line_blocks(path, max_lines=max_batch_records, skip_lines=start_line):
-            end = first + len(values)
-            lines = pa.array(np.arange(first, end, dtype=np.int64))
-            yield _file_batch(topic, first, end, start_line, lines, values, RAW_SCHEMA)
-        if end == start_line and start_line > 0:
-            _check_not_truncated(path, start_line)
-        return
+    if log_format(path) is LogFormat.CSV:
+        batches = _csv_batches(path, topic, start_line, max_batch_records, csv_header)
+    else:
+        batches = _line_batches(path, topic, start_line, max_batch_records)
+    end = start_line
+    for batch in batches:
+        end = batch.end_offset
+        yield batch
+    if end == start_line and start_line > 0:
+        _check_not_truncated(path, start_line)
+
+
+def _line_batches(path: str, topic: str, start_line: int, max_batch_records: int) -> Iterator[SourceBatch]:
+    """One record per line (``.jsonl``, ``.tsv``): the lines in bulk, a block per batch."""
+    for first, values in iter_line_blocks(path, max_lines=max_batch_records, skip_lines=start_line):
+        end = first + len(values)
+        yield _file_batch(topic, first, end, start_line, pa.array(np.arange(first, end, dtype=np.int64)), values,
+                          RAW_SCHEMA)
+
+
+def _csv_batches(path: str, topic: str, start_line: int, max_batch_records: int,
+                 csv_header: bool) -> Iterator[SourceBatch]:
+    """``.csv`` records (a quoted field may hold line breaks), the header kept aside."""
     schema = RAW_SCHEMA
     records = iter_records(path, skip_lines=start_line)
     try:
-        if csv_header and log_format(path) is LogFormat.CSV:
+        if csv_header:
             if start_line == 0:
                 first = next(records, None)
             else:
                 with contextlib.closing(iter_records(path)) as from_top:
                     first = next(from_top, None)
             if first is None:  # an empty file: nothing to read, and no header either
-                records.close()
-                records = (r for r in ())
-            else:
-                schema = RAW_SCHEMA.with_metadata({CSV_HEADER_KEY: first[2]})
+                return
+            schema = RAW_SCHEMA.with_metadata({CSV_HEADER_KEY: first[2]})
         offset, values, lines = start_line, [], []
         for number, next_line, value in records:
             values.append(value)
             lines.append(number)
             if len(values) == max_batch_records:
-                yield _file_batch(topic, offset, next_line, start_line, _int64s(lines), pa.array(values, pa.binary()),
-                                  schema)
+                yield _listed_batch(topic, offset, next_line, start_line, lines, values, schema)
                 offset, values, lines = next_line, [], []
         if values:
-            yield _file_batch(topic, offset, next_line, start_line, _int64s(lines), pa.array(values, pa.binary()), schema)
-            offset = next_line
+            yield _listed_batch(topic, offset, next_line, start_line, lines, values, schema)
     finally:
         records.close()
-    if offset == start_line and start_line > 0:
-        _check_not_truncated(path, start_line)
 
 
 def _check_not_truncated(path: str, start_line: int) -> None:
@@ -132,8 +140,10 @@ def _check_not_truncated(path: str, start_line: int) -> None:
         )
 
 
-def _int64s(values: list[int]) -> pa.Array:
-    return pa.array(np.asarray(values, dtype=np.int64))
+def _listed_batch(topic: str, start: int, end: int, partition_start: int, lines: list[int], values: list[bytes],
+                  schema: pa.Schema) -> SourceBatch:
+    return _file_batch(topic, start, end, partition_start, pa.array(np.asarray(lines, dtype=np.int64)),
+                       pa.array(values, pa.binary()), schema)
 
 
 def _file_batch(topic: str, start: int, end: int, partition_start: int, lines: pa.Array, values: pa.Array,

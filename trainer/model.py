@@ -197,7 +197,7 @@ class DLRM(CTRModel):
         else:
             num_pairs = 0
         # With one vector there is no pair: the pooled vector itself is the input (below).
-        self.concat = Interaction(interaction) is Interaction.DOT_CONCAT and num_sparse and vectors >= 2
+        self.concat = Interaction(interaction) is Interaction.DOT_CONCAT and num_sparse > 0 and vectors >= 2
         top_in = dense_out + num_pairs + (num_sparse * embedding_dim if self.concat else 0)
         if top_in == 0:
             # One sparse feature and no dense: no pair exists; feed the pooled vector itself.
