@@ -46,7 +46,7 @@ from trainer.data import Cursor
 from trainer.embedding import capabilities_of, collections_of
 from trainer.errors import CheckpointError
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import model_shape, saved_shape_defaults
+from trainer.model import changed_default_hints, model_shape, saved_shape_defaults
 
 __all__ = ["CheckpointManager", "ShardedCheckpointManager", "LoadedCheckpoint", "FORMAT_VERSION",
            "latest_checkpoint", "latest_sharded_checkpoint"]
@@ -301,10 +301,9 @@ def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape
             hint = ("; it was written before [model] existed, by a DLRM without the first-order part: "
                     "resume it with [model] kind = \"dlrm\", wide = false and interaction = \"dot\", "
                     "or point trainer.checkpoint_dir at a new directory")
-        elif saved_shape.get("interaction") == "dot" and shape.get("interaction") == "dot_concat":
-            hint = ("; DLRM checkpoints from before [model] interaction existed are \"dot\" (the default "
-                    "is now \"dot_concat\"): resume it with [model] interaction = \"dot\", or point "
-                    "trainer.checkpoint_dir at a new directory")
+        elif changed := changed_default_hints(saved_shape, shape):
+            hint = ("; the checkpoint has an earlier default, changed since: resume it with "
+                    + " and ".join(changed) + ", or point trainer.checkpoint_dir at a new directory")
         else:
             hint = "; restore the old config or point trainer.checkpoint_dir at a new directory"
         raise CheckpointError(

@@ -101,7 +101,7 @@ class EmbeddingDtype(enum.Enum):
 class TrainerConfig:
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = (64, 16)  # last size must equal embedding_dim
-    top_mlp: tuple[int, ...] = (64, 32)  # a final 1-unit logit layer is added
+    top_mlp: tuple[int, ...] = (32,)  # a final 1-unit logit layer is added (was (64, 32): README "Tuning")
     batch_size: int = 512
     # Embeddings and dense layers train with their own optimizer and learning rate. The
     # single keys of earlier releases still work: ``optimizer`` sets both kinds (the sparse

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from typing import Any
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from trainer.batch import Jagged
-from trainer.config import EmbeddingDtype, Interaction, ModelKind, TrainSpec
+from trainer.config import EmbeddingDtype, Interaction, ModelConfig, ModelKind, TrainerConfig, TrainSpec
 from trainer.embedding import TableSpec, table_specs
 from trainer.errors import TrainerError
 from trainer.first_order import FirstOrder, first_order_tables
@@ -54,7 +55,7 @@ from trainer.sparse_optim import SparseOptimizerSpec
 __all__ = [
     "DLRM", "build_mlp", "build_model", "tables_from_config", "fused_embeddings_from_config",
     "model_shape", "model_fingerprint", "EMBEDDING_TORCH_DTYPES", "PRE_MODEL_KIND_SHAPE",
-    "saved_shape_defaults",
+    "saved_shape_defaults", "CHANGED_DEFAULTS", "changed_default_hints",
 ]
 
 #: ``[trainer] embedding_dtype`` -> the torch dtype of the rows.
@@ -66,6 +67,13 @@ EMBEDDING_TORCH_DTYPES = {
 PRE_MODEL_KIND_SHAPE = {"kind": ModelKind.DLRM.value, "wide": False, "normalize_dense": False}
 #: What a DLRM's ``model_shape`` recorded before [model] interaction existed meant.
 PRE_INTERACTION = Interaction.DOT.value
+#: Shape settings whose default a release changed: ``model_shape`` key -> (config section, the
+#: old default as ``model_shape`` records it). A checkpoint trained under the old default does
+#: not fit the new one; the resume error names the setting that brings it back.
+CHANGED_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "interaction": ("model", PRE_INTERACTION),
+    "top_mlp": ("trainer", [64, 32]),
+}
 
 
 def saved_shape_defaults(saved: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +83,19 @@ def saved_shape_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     if shape["kind"] == ModelKind.DLRM.value and "embedding_dim" in shape:
         shape.setdefault("interaction", PRE_INTERACTION)
     return shape
+
+
+def changed_default_hints(saved: dict[str, Any], shape: dict[str, Any]) -> list[str]:
+    """``[section] key = old`` for each setting of ``CHANGED_DEFAULTS`` where ``saved`` (a
+    checkpoint's shape) has the old default and ``shape`` (the config's) today's default."""
+    defaults = {"model": ModelConfig(), "trainer": TrainerConfig()}
+    hints = []
+    for key, (section, old) in CHANGED_DEFAULTS.items():
+        now = getattr(defaults[section], key)
+        now = now.value if isinstance(now, enum.Enum) else list(now) if isinstance(now, tuple) else now
+        if saved.get(key) == old and shape.get(key) == now:
+            hints.append(f"[{section}] {key} = {json.dumps(old)}")
+    return hints
 
 
 def tables_from_config(cfg: TrainSpec) -> list[TableSpec]:

@@ -1,5 +1,6 @@
 """Atomic checkpoints: round trip, retention of the last K, shape and optimizer checks."""
 
+import dataclasses
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from engine.config import config_from_dict
 from engine.errors import CheckpointError
 from trainer.batch import Jagged
 from trainer.checkpoint import CheckpointManager
+from trainer.config import TrainerConfig
 from trainer.data import Cursor
 from trainer.embedding import CollectionCapabilities, EmbeddingBagCollection
 from trainer.metrics import ProgressiveMetrics
@@ -81,6 +83,26 @@ def test_keeps_last_k_and_loads_newest(tmp_path):
 def test_empty_directory_loads_nothing(tmp_path):
     cfg = _cfg(tmp_path)
     assert CheckpointManager(cfg.trainer.checkpoint_dir, cfg).load(*_parts(cfg)) is None
+
+
+def test_a_checkpoint_of_an_earlier_default_names_the_setting_that_resumes_it(tmp_path):
+    """The default top MLP was [64, 32]: a checkpoint trained under it, resumed by a config
+    that leaves top_mlp unset, fails with the setting that brings the old shape back."""
+    old = _cfg(tmp_path, top_mlp=[64, 32])
+    model, opt, metrics = _parts(old)
+    CheckpointManager(old.trainer.checkpoint_dir, old).save(
+        model, opt, cursor=Cursor(), metrics=metrics,
+        counters={"trained_batches": 1, "trained_samples": 8, "mapping_version": 0})
+    unset = _cfg(tmp_path)
+    unset = dataclasses.replace(unset, trainer=dataclasses.replace(unset.trainer, top_mlp=TrainerConfig().top_mlp))
+    assert list(unset.trainer.top_mlp) != [64, 32]
+    with pytest.raises(CheckpointError, match=r"top_mlp: checkpoint \[64, 32\] vs config \[32\].*"
+                                              r"resume it with \[trainer\] top_mlp = \[64, 32\]"):
+        CheckpointManager(unset.trainer.checkpoint_dir, unset).load(*_parts(unset))
+    # Against a shape that is not today's default the plain hint stays.
+    other = _cfg(tmp_path, top_mlp=[5])
+    with pytest.raises(CheckpointError, match="restore the old config"):
+        CheckpointManager(other.trainer.checkpoint_dir, other).load(*_parts(other))
 
 
 def test_shape_and_optimizer_mismatch_are_named(tmp_path):
