@@ -40,7 +40,9 @@ class ProgressLine:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every_s = 0.2 if self.tty else log_every_s
         self.enabled = enabled
-        self._last = 0.0
+        # -inf, not 0: monotonic() counts from boot, so on a host up for less than every_s
+        # a 0 would hide the first line.
+        self._last = float("-inf")
         self._width = 0
 
     def update(self, text: str, force: bool = False, fields: dict[str, Any] | None = None) -> None:

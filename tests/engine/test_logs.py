@@ -53,6 +53,17 @@ def test_progress_is_a_log_record_when_stderr_is_not_a_terminal(caplog):
     assert orjson.loads(JsonFormatter().format(records[0]))["fields"] == {"trained_samples": 128}
 
 
+def test_the_first_progress_line_shows_on_a_host_booted_just_now(caplog, monkeypatch):
+    """monotonic() counts from boot: on a host up for less than log_every_s the first line
+    must still be logged (it was dropped when the last-shown time started at 0)."""
+    monkeypatch.setattr("engine.progress.time.monotonic", lambda: 12.0)
+    line = ProgressLine(stream=io.StringIO(), log_every_s=60)
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        line.update("serve: read 10")
+        line.update("serve: read 20")  # 0 s later: within log_every_s
+    assert [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER] == ["serve: read 10"]
+
+
 def test_progress_rewrites_one_line_on_a_terminal(caplog):
     term = _Terminal()
     line = ProgressLine(stream=term)
