@@ -10,12 +10,12 @@ from torch import nn
 from engine.config import config_from_dict
 from engine.errors import CheckpointError
 from trainer.batch import Jagged
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, _check_compatible
 from trainer.config import TrainerConfig
 from trainer.data import Cursor
 from trainer.embedding import CollectionCapabilities, EmbeddingBagCollection
 from trainer.metrics import ProgressiveMetrics
-from trainer.model import DLRM, tables_from_config
+from trainer.model import DLRM, model_shape, tables_from_config
 from trainer.optim import build_optimizer
 
 
@@ -99,6 +99,10 @@ def test_a_checkpoint_of_an_earlier_default_names_the_setting_that_resumes_it(tm
     with pytest.raises(CheckpointError, match=r"top_mlp: checkpoint \[64, 32\] vs config \[32\].*"
                                               r"resume it with \[trainer\] top_mlp = \[64, 32\]"):
         CheckpointManager(unset.trainer.checkpoint_dir, unset).load(*_parts(unset))
+    # A checkpoint from before [model] existed gets the same setting beside the legacy ones.
+    legacy = {k: v for k, v in model_shape(unset).items() if k not in ("kind", "wide", "normalize_dense", "interaction")}
+    with pytest.raises(CheckpointError, match=r"wide = false and interaction = \"dot\" and \[trainer\] top_mlp = \[64, 32\]"):
+        _check_compatible(tmp_path, {**legacy, "top_mlp": [64, 32]}, "x", model_shape(unset), "x")
     # Against a shape that is not today's default the plain hint stays.
     other = _cfg(tmp_path, top_mlp=[5])
     with pytest.raises(CheckpointError, match="restore the old config"):
