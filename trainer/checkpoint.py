@@ -300,13 +300,13 @@ def _check_compatible(path: Path, saved_shape: dict, saved_optimizer: str, shape
         changed = changed_default_hints(saved_shape, shape)
         if legacy:
             # interaction is among the legacy settings; other changed defaults may apply too
-            more = "".join(f" and {h}" for h in changed if not h.startswith("[model] interaction "))
+            more = "".join(f" and {h}" for key, h in changed.items() if key != "interaction")
             hint = ("; it was written before [model] existed, by a DLRM without the first-order part: "
                     "resume it with [model] kind = \"dlrm\", wide = false and interaction = \"dot\""
                     f"{more}, or point trainer.checkpoint_dir at a new directory")
         elif changed:
             hint = ("; the checkpoint has an earlier default, changed since: resume it with "
-                    + " and ".join(changed) + ", or point trainer.checkpoint_dir at a new directory")
+                    + " and ".join(changed.values()) + ", or point trainer.checkpoint_dir at a new directory")
         else:
             hint = "; restore the old config or point trainer.checkpoint_dir at a new directory"
         raise CheckpointError(

@@ -85,16 +85,16 @@ def saved_shape_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     return shape
 
 
-def changed_default_hints(saved: dict[str, Any], shape: dict[str, Any]) -> list[str]:
-    """``[section] key = old`` for each setting of ``CHANGED_DEFAULTS`` where ``saved`` (a
-    checkpoint's shape) has the old default and ``shape`` (the config's) today's default."""
+def changed_default_hints(saved: dict[str, Any], shape: dict[str, Any]) -> dict[str, str]:
+    """``{key: "[section] key = old"}`` for each setting of ``CHANGED_DEFAULTS`` where
+    ``saved`` (a checkpoint's shape) has the old default and ``shape`` (the config's) today's."""
     defaults = {"model": ModelConfig(), "trainer": TrainerConfig()}
-    hints = []
+    hints = {}
     for key, (section, old) in CHANGED_DEFAULTS.items():
         now = getattr(defaults[section], key)
         now = now.value if isinstance(now, enum.Enum) else list(now) if isinstance(now, tuple) else now
         if saved.get(key) == old and shape.get(key) == now:
-            hints.append(f"[{section}] {key} = {json.dumps(old)}")
+            hints[key] = f"[{section}] {key} = {json.dumps(old)}"
     return hints
 
 
